@@ -1,0 +1,1 @@
+"""hf-attn-swap."""
