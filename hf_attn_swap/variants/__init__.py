@@ -1,0 +1,3 @@
+"""Built-in attention variants; importing this package registers them."""
+
+from . import gqa  # noqa: F401

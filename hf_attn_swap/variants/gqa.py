@@ -1,0 +1,229 @@
+"""GQA / MQA: merge key/value heads of a pretrained checkpoint, then attend without repeating them.
+
+``swap_attention(model, "gqa", groups=G, strategy="mean")`` leaves ``G`` KV heads (``"mqa"`` is ``G = 1``). The
+attention function reads each KV head once for all of its query heads: at decode the group is folded into the query
+length (one ``(G*q, kv)`` problem per KV head); in prefill SDPA's ``enable_gqa`` is used. Neither copies K/V, so the
+smaller cache also means fewer bytes read per decoded token, which is where GQA's speed-up lives.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..configs import VariantConfig
+from ..convert.adapters import get_adapter
+from ..convert.calibrate import input_second_moments
+from ..convert.patches import patched_class
+from ..convert.pooling import STRATEGIES, convert_projections, rotary_dims_of
+from ..convert.projections import build_new_modules, commit, find_attention, read_projections
+from ..reference import causal_bool_mask, reference_attention
+from ..registry import register_variant
+
+logger = logging.getLogger(__name__)
+
+_SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+#: fold the group into the query length while G*q stays small (decode and short chunks).
+FOLD_MAX_QUERY = 16
+
+
+@dataclass
+class GQAConfig(VariantConfig):
+    """Options of ``gqa``.
+
+    Attributes:
+        groups: number of KV heads after conversion (1 = MQA). Must divide the current KV heads of every layer.
+        strategy: ``mean`` (paper), ``first``, ``random`` (paper ablations) or ``fit`` (calibrated refit; needs
+            ``calibration=`` input ids).
+        seed: seed of the ``random`` strategy.
+    """
+
+    groups: int = 1
+    strategy: str = "mean"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.groups, bool) or not isinstance(self.groups, int) or self.groups < 1:
+            raise ValueError(f"groups must be a positive integer (the number of KV heads to keep), got {self.groups!r}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {self.strategy!r}; allowed: {', '.join(STRATEGIES)}")
+
+    def check_model(self, model: Any, layers: list[int]) -> None:
+        adapter = get_adapter(model)
+        sites = find_attention(model, adapter)
+        heads = sites[0].num_heads
+        for i in layers:
+            kv = sites[i].num_kv_heads
+            if self.groups > kv:
+                raise ValueError(
+                    f"groups={self.groups} is larger than layer {i}'s current KV heads ({kv}); "
+                    f"allowed: divisors of {kv}: {_divisors(kv)}"
+                )
+            if kv % self.groups or heads % self.groups:
+                raise ValueError(
+                    f"groups={self.groups} must divide the current KV heads ({kv}) and the query heads ({heads}) of "
+                    f"layer {i}; allowed: {_divisors(kv)}"
+                )
+
+
+@dataclass
+class MQAConfig(VariantConfig):
+    """Options of ``mqa`` (GQA with one KV head)."""
+
+    strategy: str = "mean"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        GQAConfig(1, self.strategy, self.seed)
+
+    def check_model(self, model: Any, layers: list[int]) -> None:
+        GQAConfig(1, self.strategy, self.seed).check_model(model, layers)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def grouped_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    softcap: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Softmax attention over ``H_kv <= H`` KV heads without materialising repeated K/V.
+
+    Accepts SDPA-format masks (4D bool, or None = causal for ``module.is_causal``, bottom-right aligned).
+    Returns ``(b, q, H, d)``.
+    """
+    b, h, q_len, d = query.shape
+    h_kv, kv_len = key.shape[1], key.shape[2]
+    group = h // h_kv
+    is_causal = bool(getattr(module, "is_causal", True))
+    if softcap is not None:
+        # SDPA cannot cap logits; the dense reference path is exact (Gemma-2).
+        return reference_attention(
+            query, key, value, attention_mask, scaling=scaling, is_causal=is_causal, softcap=softcap
+        ), None
+    mask = attention_mask
+    if mask is not None and mask.dtype != torch.bool:
+        mask = mask[..., -kv_len:]
+    causal_flag = False
+    if mask is None and is_causal and q_len > 1:
+        if q_len == kv_len:
+            causal_flag = True
+        else:  # chunked prefill over a cache: SDPA's is_causal is top-left aligned, so spell the mask out
+            mask = causal_bool_mask(q_len, kv_len, query.device)[None, None]
+    if group > 1 and q_len <= FOLD_MAX_QUERY:
+        # Fold: (b, H, q, d) -> (b, H_kv, G*q, d). One KV head serves its G query heads in one matmul.
+        if causal_flag:
+            mask = causal_bool_mask(q_len, kv_len, query.device)[None, None]
+            causal_flag = False
+        q_f = query.reshape(b, h_kv, group * q_len, d)
+        if mask is not None:
+            mb = mask.shape[0]
+            mask = mask.reshape(mb, -1, 1, q_len, kv_len) if mask.shape[1] == 1 else mask.reshape(mb, h_kv, group, q_len, kv_len)
+            mask = mask.expand(mb, mask.shape[1], group, q_len, kv_len).reshape(mb, mask.shape[1], group * q_len, kv_len)
+        out = F.scaled_dot_product_attention(q_f, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling, is_causal=False)
+        out = out.reshape(b, h, q_len, d)
+    else:
+        kw = {}
+        if group > 1:
+            if _SDPA_HAS_GQA:
+                kw["enable_gqa"] = True
+            else:  # torch < 2.5: no grouped SDPA; repeating is the only option
+                key = key.repeat_interleave(group, dim=1)
+                value = value.repeat_interleave(group, dim=1)
+        out = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling, is_causal=causal_flag, **kw
+        )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def convert_gqa(model: torch.nn.Module, config: GQAConfig | MQAConfig, layers: list[int], *, calibration: Any = None,
+                structure_only: bool = False) -> dict[str, Any]:
+    """Merge K/V heads of ``layers`` in place. Returns facts for the swap record.
+
+    Two phases: every new tensor is computed first (any error leaves the model untouched), then all assignments are
+    committed together (and rolled back together if one fails).
+
+    Args:
+        structure_only: only reshape (used when loading a saved conversion: the weights come from the checkpoint).
+    """
+    groups = getattr(config, "groups", 1)
+    strategy = "first" if structure_only else config.strategy
+    adapter = get_adapter(model)
+    sites = find_attention(model, adapter)
+    chosen = [sites[i] for i in layers]
+    covariances: list[torch.Tensor | None] = [None] * len(chosen)
+    tokens = 0
+    if strategy == "fit":
+        if calibration is None:
+            raise ValueError(
+                "strategy 'fit' needs calibration text: pass calibration=<LongTensor of input ids (n, L)> to "
+                "swap_attention (e.g. a few thousand tokens of held-in text)"
+            )
+        covariances, tokens = input_second_moments(model, [s.module for s in chosen], calibration)
+    gen = torch.Generator().manual_seed(int(getattr(config, "seed", 0)))
+    blocks = []
+    lossy = False
+    for site, cov in zip(chosen, covariances):
+        p = read_projections(site.module, site.parent, adapter, head_dim=site.head_dim)
+        if site.num_kv_heads != groups:
+            lossy = True
+        new = convert_projections(
+            p,
+            num_heads=site.num_heads,
+            old_kv=site.num_kv_heads,
+            new_kv=groups,
+            head_dim=site.head_dim,
+            strategy=strategy,
+            rotary_dims=rotary_dims_of(model.config, site.head_dim, adapter.rope),
+            qk_norm=adapter.qk_norm,
+            covariance=cov,
+            generator=gen,
+        )
+        if new is p:
+            continue  # groups == current KV heads: bit-identical, nothing to write
+        block = build_new_modules(site, adapter, new)
+        if adapter.patch:
+            block[(id(site.module), "__class__")] = (site.module, "__class__", patched_class(site.module, adapter.patch))
+        blocks.append(block)
+    uniform = len(layers) == len(sites)
+    if uniform and adapter.native_gqa and hasattr(model.config, "num_key_value_heads"):
+        blocks.append({(id(model.config), "num_key_value_heads"): (model.config, "num_key_value_heads", groups)})
+    commit(blocks)
+    return {
+        "lossy": lossy,
+        # A vanilla transformers model of the same family can load the result (no sidecar needed to run it).
+        "vanilla": uniform and adapter.native_gqa,
+        "calibration_tokens": tokens,
+    }
+
+
+def _mqa_convert(model, config, layers, **kw):
+    return convert_gqa(model, config, layers, **kw)
+
+
+register_variant(
+    "gqa",
+    grouped_attention,
+    config=GQAConfig,
+    convert=convert_gqa,
+    description="grouped-query attention: merge K/V heads (mean/first/random/fit), attend without repeating K/V",
+)
+register_variant(
+    "mqa",
+    grouped_attention,
+    config=MQAConfig,
+    convert=_mqa_convert,
+    description="multi-query attention: gqa with one K/V head",
+)
