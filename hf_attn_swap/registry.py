@@ -60,6 +60,9 @@ class VariantSpec:
         prepare: optional ``prepare(model, config, layers) -> None`` that attaches per-layer state (attention-only
             variants with learnable or recurrent state).
         restore: optional ``restore(model, layers) -> None`` undoing what ``prepare`` did (used by unswap).
+        vanilla_export: optional ``vanilla_export(model, step) -> PretrainedConfig | None``: a config of a vanilla
+            transformers family that runs this swap exactly with the model's state dict as is (e.g. a llama with a
+            sliding window saved as Mistral); None when there is none. Used by ``save_swapped``.
         description: one line for ``list_variants``.
     """
 
@@ -70,6 +73,7 @@ class VariantSpec:
     convert: ConvertFn | None = None
     prepare: Callable[..., Any] | None = None
     restore: Callable[..., Any] | None = None
+    vanilla_export: Callable[..., Any] | None = None
     description: str = ""
 
 
@@ -101,6 +105,7 @@ def register_variant(
     convert: ConvertFn | None = None,
     prepare: Callable[..., Any] | None = None,
     restore: Callable[..., Any] | None = None,
+    vanilla_export: Callable[..., Any] | None = None,
     description: str = "",
     overwrite: bool = False,
 ):
@@ -118,6 +123,7 @@ def register_variant(
         convert: optional weight surgery.
         prepare: optional per-layer state set-up.
         restore: optional undo of ``prepare``.
+        vanilla_export: optional vanilla-config export (see :class:`VariantSpec`).
         description: one line shown by :func:`list_variants`.
         overwrite: allow replacing an existing registration.
 
@@ -142,6 +148,7 @@ def register_variant(
             convert=convert,
             prepare=prepare,
             restore=restore,
+            vanilla_export=vanilla_export,
             description=description or _first_line(fn.__doc__),
         )
         _REGISTRY[name] = spec
