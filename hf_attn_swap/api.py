@@ -187,12 +187,28 @@ def swap_attention(model: nn.Module, variant: Any, *, layers: Any = None, calibr
                 "strategy 'fit' needs calibration text: pass calibration=<LongTensor of input ids (n, L)>"
             )
 
+    _apply_plan(model, plan, calibration=calibration)
+    return model
+
+
+def _apply_plan(
+    model: nn.Module,
+    plan: list[tuple[VariantConfig, list[int]]],
+    *,
+    calibration: Any = None,
+    structure_only: bool = False,
+) -> SwapRecord:
+    """Apply validated plan entries in order and record them (``structure_only``: shapes only, for loading)."""
+    adapter = get_adapter(model)
+    sites = find_attention(model, adapter)
     record = swap_record(model) or SwapRecord(original_attn_implementation=model.config._attn_implementation)
     for cfg, idx in plan:
         spec = get_variant(type(cfg).variant)
         facts: dict[str, Any] = {}
         if spec.convert is not None:
-            kwargs = {"calibration": calibration} if calibration is not None else {}
+            kwargs: dict[str, Any] = {"structure_only": True} if structure_only else {}
+            if calibration is not None:
+                kwargs["calibration"] = calibration
             facts = spec.convert(model, cfg, idx, **kwargs) or {}
             sites = find_attention(model, adapter)  # modules may have been replaced
         if spec.prepare is not None:
@@ -212,7 +228,7 @@ def swap_attention(model: nn.Module, variant: Any, *, layers: Any = None, calibr
         logger.info("applied %s to %d layer(s) with %s", spec.name, len(idx), cfg.to_json())
     setattr(model, RECORD_ATTR, record)
     _select_implementation(model, sites)
-    return model
+    return record
 
 
 def _select_implementation(model: nn.Module, sites: list) -> None:

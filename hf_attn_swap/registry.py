@@ -55,8 +55,9 @@ class VariantSpec:
         attention_fn: ``fn(module, query, key, value, attention_mask, scaling=..., dropout=..., **kw)`` returning
             ``(out (b, q, H, d), weights_or_None)``.
         mask_fn: a transformers mask-interface function (defaults to :func:`default_mask`).
-        convert: optional weight surgery ``convert(model, config, layers, **runtime) -> ConversionResult``; applied
-            once by ``swap_attention`` before the attention function is selected.
+        convert: optional weight surgery ``convert(model, config, layers, *, calibration=None, structure_only=False)
+            -> dict`` (facts: ``lossy``, ``vanilla``, ``calibration_tokens``); applied once by ``swap_attention``
+            before the attention function is selected. ``structure_only`` only reshapes (checkpoint loading).
         prepare: optional ``prepare(model, config, layers) -> None`` that attaches per-layer state (attention-only
             variants with learnable or recurrent state).
         restore: optional ``restore(model, layers) -> None`` undoing what ``prepare`` did (used by unswap).

@@ -177,6 +177,10 @@ def build_new_modules(site: AttentionSite, adapter: ArchAdapter, new: Projection
             put(module, adapter.q, lin)
             if adapter.layout == "fused_interleaved":
                 put(module, "_hf_attn_swap_block_qkv", True)
+    if adapter.patch:
+        from .patches import patched_class
+
+        put(module, "__class__", patched_class(module, adapter.patch))
     o = _resolve(module, parent, adapter.o)
     o_w = new.o_w.t() if adapter.layout == "conv1d" else new.o_w
     if o_w is not o.weight and not torch.equal(o_w, o.weight):

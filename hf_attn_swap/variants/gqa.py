@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from ..configs import VariantConfig
 from ..convert.adapters import get_adapter
 from ..convert.calibrate import input_second_moments
-from ..convert.patches import patched_class
 from ..convert.pooling import STRATEGIES, convert_projections, rotary_dims_of
 from ..convert.projections import build_new_modules, commit, find_attention, read_projections
 from ..reference import causal_bool_mask, reference_attention
@@ -193,10 +192,7 @@ def convert_gqa(model: torch.nn.Module, config: GQAConfig | MQAConfig, layers: l
         )
         if new is p:
             continue  # groups == current KV heads: bit-identical, nothing to write
-        block = build_new_modules(site, adapter, new)
-        if adapter.patch:
-            block[(id(site.module), "__class__")] = (site.module, "__class__", patched_class(site.module, adapter.patch))
-        blocks.append(block)
+        blocks.append(build_new_modules(site, adapter, new))
     uniform = len(layers) == len(sites)
     if uniform and adapter.native_gqa and hasattr(model.config, "num_key_value_heads"):
         blocks.append({(id(model.config), "num_key_value_heads"): (model.config, "num_key_value_heads", groups)})

@@ -1,0 +1,47 @@
+"""Tiny random models of every supported architecture (fast, CPU, fp32), shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+import transformers as tf
+
+COMMON = dict(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8)
+SPECIAL = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+#: model_type -> (config factory, model class). 8 query heads; 4 KV heads where the family has GQA, else MHA.
+TINY = {
+    "llama": (lambda: tf.LlamaConfig(**COMMON, num_key_value_heads=4, head_dim=8, **SPECIAL), tf.LlamaForCausalLM),
+    "mistral": (lambda: tf.MistralConfig(**COMMON, num_key_value_heads=4, head_dim=8, **SPECIAL), tf.MistralForCausalLM),
+    "qwen2": (lambda: tf.Qwen2Config(**COMMON, num_key_value_heads=4, **SPECIAL), tf.Qwen2ForCausalLM),
+    "qwen3": (lambda: tf.Qwen3Config(**COMMON, num_key_value_heads=4, head_dim=8, **SPECIAL), tf.Qwen3ForCausalLM),
+    "gemma": (lambda: tf.GemmaConfig(**COMMON, num_key_value_heads=4, head_dim=8, **SPECIAL), tf.GemmaForCausalLM),
+    "gemma2": (lambda: tf.Gemma2Config(**COMMON, num_key_value_heads=4, head_dim=8, **SPECIAL), tf.Gemma2ForCausalLM),
+    "gemma3_text": (
+        lambda: tf.Gemma3TextConfig(**COMMON, num_key_value_heads=4, head_dim=8, **SPECIAL),
+        tf.Gemma3ForCausalLM,
+    ),
+    "phi3": (lambda: tf.Phi3Config(**COMMON, num_key_value_heads=8, **SPECIAL), tf.Phi3ForCausalLM),
+    "gpt2": (lambda: tf.GPT2Config(vocab_size=100, n_embd=64, n_layer=2, n_head=8, **SPECIAL), tf.GPT2LMHeadModel),
+    "gpt_neox": (
+        lambda: tf.GPTNeoXConfig(**COMMON, rotary_pct=0.5, **SPECIAL),
+        tf.GPTNeoXForCausalLM,
+    ),
+    "bert": (lambda: tf.BertConfig(**COMMON, pad_token_id=0), tf.BertModel),
+}
+
+
+def tiny(model_type: str, seed: int = 0) -> torch.nn.Module:
+    """A tiny random model of ``model_type`` in eval mode (deterministic for a seed)."""
+    make_config, cls = TINY[model_type]
+    torch.manual_seed(seed)
+    return cls(make_config()).eval()
+
+
+def output(model: torch.nn.Module, ids: torch.Tensor, **kw) -> torch.Tensor:
+    """Logits of a causal LM, last hidden state of an encoder."""
+    out = model(ids, **kw)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def is_causal_lm(model: torch.nn.Module) -> bool:
+    return hasattr(model, "generate") and not isinstance(model, tf.BertModel)
