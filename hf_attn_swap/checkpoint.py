@@ -24,12 +24,12 @@ from typing import Any
 import torch
 import transformers
 from safetensors import safe_open
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file, save_model
 from torch import nn
 from transformers import AutoConfig
 
 from . import __version__
-from .api import RECORD_ATTR, SwapStep, _apply_plan, _plan, swap_record
+from .api import RECORD_ATTR, SwapRecord, SwapStep, _apply_plan, _plan, swap_record
 from .convert.adapters import get_adapter
 from .registry import get_variant
 
@@ -43,22 +43,23 @@ class SidecarMismatchError(ValueError):
     """The sidecar's recorded swap does not build the tensors stored in the weights file."""
 
 
-def _vanilla_config(model: nn.Module) -> tuple[Any, bool]:
-    """The config to write and whether the directory runs the swap exactly without this package."""
+def _vanilla_form(model: nn.Module) -> tuple[Any, dict[str, torch.Tensor] | None, bool, set[int]]:
+    """(config to write, state dict to write instead of the model's or None, vanilla-loadable?, exported steps)."""
     record = swap_record(model)
     if record is None:
-        return model.config, True
-    config, vanilla = model.config, True
-    for step in record.steps:
-        spec = get_variant(step.variant)
-        if spec.convert is not None and step.vanilla and spec.vanilla_export is None:
+        return model.config, None, True, set()
+    config, state, exported = model.config, None, set()
+    for i, step in enumerate(record.steps):
+        if step.vanilla:
             continue  # e.g. GQA on llama: the saved num_key_value_heads is the whole story
-        exported = spec.vanilla_export(model, step) if spec.vanilla_export is not None else None
-        if exported is None or config is not model.config:
-            # No vanilla form, or two steps each wanting their own config: only the sidecar can describe it.
-            return model.config, False
-        config = exported
-    return config, vanilla
+        spec = get_variant(step.variant)
+        form = spec.vanilla_export(model, step) if spec.vanilla_export is not None else None
+        if form is None or exported:
+            # No vanilla form, or two steps each wanting their own: only the sidecar can describe it.
+            return model.config, None, False, set()
+        config, state = form if isinstance(form, tuple) else (form, None)
+        exported.add(i)
+    return config, state, True, exported
 
 
 def save_swapped(model: nn.Module, path: str | os.PathLike[str], tokenizer: Any = None) -> Path:
@@ -75,11 +76,16 @@ def save_swapped(model: nn.Module, path: str | os.PathLike[str], tokenizer: Any 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    config, vanilla = _vanilla_config(model)
+    config, exported_state, vanilla, exported = _vanilla_form(model)
     record = swap_record(model)
     try:
         model.save_pretrained(tmp)
-        if not vanilla:
+        if exported_state is not None:
+            # Another family's weights layout (e.g. GPT-2 Conv1D -> GPT-BigCode Linear).
+            for f in list(tmp.glob("model*.safetensors")) + list(tmp.glob("model.safetensors.index.json")):
+                f.unlink()
+            save_file(exported_state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        elif not vanilla:
             # transformers may rename keys on save (e.g. GPT-NeoX lm_head -> embed_out) and only undoes that inside
             # from_pretrained, which cannot build a swapped model. Store the state dict under its own names instead.
             for f in list(tmp.glob("model*.safetensors")) + list(tmp.glob("model.safetensors.index.json")):
@@ -98,6 +104,8 @@ def save_swapped(model: nn.Module, path: str | os.PathLike[str], tokenizer: Any 
             "vanilla": vanilla,
             "attn_implementation": model.config._attn_implementation,
             "record": record.to_dict() if record is not None else None,
+            # steps the saved vanilla family runs natively (not replayed on load)
+            "exported_steps": sorted(exported),
         }
         (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=2, sort_keys=True) + "\n")
         backup = None
@@ -154,11 +162,13 @@ def load_swapped(path: str | os.PathLike[str], *, dtype: torch.dtype | None = No
         return cls.from_pretrained(path, dtype=dtype or "auto").eval()
     dtype = dtype or getattr(torch, sidecar.get("dtype", "float32"))
     steps = [SwapStep(**s) for s in (sidecar.get("record") or {}).get("steps", [])]
+    exported = set(sidecar.get("exported_steps", []))
+    replay = [s for i, s in enumerate(steps) if i not in exported]
     if sidecar.get("vanilla"):
         # transformers' own loader (it knows its key renames); the replay below must then change no shape.
         model = cls.from_pretrained(path, dtype=dtype)
         before = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        _replay(model, steps, path)
+        _replay(model, replay, path)
         after = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         if before != after:
             changed = sorted(k for k in after if before.get(k) != after[k])[:3]
@@ -171,7 +181,7 @@ def load_swapped(path: str | os.PathLike[str], *, dtype: torch.dtype | None = No
             model = cls(config)
         model = model.to(dtype)
         model.tie_weights()
-        _replay(model, steps, path)
+        _replay(model, replay, path)
         file = path / "model.safetensors"
         with safe_open(str(file), framework="pt") as fh:
             shapes = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
@@ -190,9 +200,9 @@ def load_swapped(path: str | os.PathLike[str], *, dtype: torch.dtype | None = No
         missing = [k for k in missing if k not in _non_persistent(model) and state[k].data_ptr() not in loaded_ptrs]
         if missing or unexpected:
             raise SidecarMismatchError(f"{path}: weights missing {missing[:5]} / unexpected {list(unexpected)[:5]}")
-    record = swap_record(model)
-    if record is not None:
+    if steps:
         # Keep what the original swap knew (lossy, calibration) rather than what the shape-only replay saw.
+        record = swap_record(model) or SwapRecord(original_attn_implementation=model.config._attn_implementation)
         record.steps = steps
         record.original_attn_implementation = (sidecar.get("record") or {}).get(
             "original_attn_implementation", record.original_attn_implementation

@@ -61,9 +61,10 @@ class VariantSpec:
         prepare: optional ``prepare(model, config, layers) -> None`` that attaches per-layer state (attention-only
             variants with learnable or recurrent state).
         restore: optional ``restore(model, layers) -> None`` undoing what ``prepare`` did (used by unswap).
-        vanilla_export: optional ``vanilla_export(model, step) -> PretrainedConfig | None``: a config of a vanilla
-            transformers family that runs this swap exactly with the model's state dict as is (e.g. a llama with a
-            sliding window saved as Mistral); None when there is none. Used by ``save_swapped``.
+        vanilla_export: optional ``vanilla_export(model, step) -> PretrainedConfig | (PretrainedConfig, state_dict)
+            | None``: a config of a vanilla transformers family that runs this swap exactly, with the model's state
+            dict as is or the state dict given (e.g. a llama with a sliding window saved as Mistral, a GPT-2 MQA as
+            GPT-BigCode); None when there is none. Used by ``save_swapped`` for steps whose own family cannot say it.
         description: one line for ``list_variants``.
     """
 

@@ -49,6 +49,23 @@ def test_llama_family_reloads_in_vanilla_transformers_with_identical_logits(arch
     assert torch.equal(torch.load(tmp_path / "out.pt"), logits)  # same SDPA call, same weights: bit-identical
 
 
+def test_gpt2_mqa_saves_as_vanilla_gpt_bigcode(tmp_path):
+    from transformers import AutoModelForCausalLM, GPTBigCodeForCausalLM
+
+    model = tiny("gpt2")
+    swap_attention(model, "mqa", strategy="mean")
+    ref = output(model, IDS)
+    save_swapped(model, tmp_path / "ckpt")
+    side = read_sidecar(tmp_path / "ckpt")
+    assert side["vanilla"] is True and side["saved_model_type"] == "gpt_bigcode"
+    vanilla = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt").eval()
+    assert isinstance(vanilla, GPTBigCodeForCausalLM) and vanilla.config.multi_query
+    torch.testing.assert_close(output(vanilla, IDS), ref, atol=1e-5, rtol=1e-5)  # other kernel order, fp32
+    loaded = load_swapped(tmp_path / "ckpt")
+    torch.testing.assert_close(output(loaded, IDS), ref, atol=1e-5, rtol=1e-5)
+    assert swap_record(loaded).steps[0].variant == "mqa"
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "bert", "llama"])
 def test_sidecar_reload_restores_exactly(arch, tmp_path):
     model = tiny(arch)

@@ -209,11 +209,19 @@ def _mqa_convert(model, config, layers, **kw):
     return convert_gqa(model, config, layers, **kw)
 
 
+def vanilla_export(model: torch.nn.Module, step: Any):
+    """GPT-2 converted to MQA saves as GPT-BigCode (``multi_query=True``); other families have no other form."""
+    from ..convert.vanilla import gpt2_mqa_as_bigcode
+
+    return gpt2_mqa_as_bigcode(model)
+
+
 register_variant(
     "gqa",
     grouped_attention,
     config=GQAConfig,
     convert=convert_gqa,
+    vanilla_export=vanilla_export,
     description="grouped-query attention: merge K/V heads (mean/first/random/fit), attend without repeating K/V",
 )
 register_variant(
@@ -221,5 +229,6 @@ register_variant(
     grouped_attention,
     config=MQAConfig,
     convert=_mqa_convert,
+    vanilla_export=vanilla_export,
     description="multi-query attention: gqa with one K/V head",
 )
