@@ -233,7 +233,7 @@ def _apply_plan(
 
 def _select_implementation(model: nn.Module, sites: list) -> None:
     names = {(layer_swap(s.module).variant if layer_swap(s.module) else None) for s in sites}
-    impl = next(iter(names)) if len(names) == 1 and None not in names else DISPATCHER_NAME
+    impl = get_variant(names.pop()).impl_name if len(names) == 1 and None not in names else DISPATCHER_NAME
     model.set_attn_implementation(impl)
     # Some models keep a copy on sub-configs or modules; the model-level config is what masks and layers read.
     model.config._attn_implementation = impl

@@ -32,6 +32,7 @@ from . import __version__
 from .api import RECORD_ATTR, SwapRecord, SwapStep, _apply_plan, _plan, swap_record
 from .convert.adapters import get_adapter
 from .registry import get_variant
+from .variants.linear import require_feature_map_state
 
 logger = logging.getLogger(__name__)
 
@@ -194,6 +195,8 @@ def load_swapped(path: str | os.PathLike[str], *, dtype: torch.dtype | None = No
                     f"{path}: tensor {name!r} has shape {shape} in the weights but the swap recorded in {SIDECAR} "
                     f"builds {tuple(state[name].shape)}; the sidecar does not describe these weights"
                 )
+        # Learned feature maps (hedgehog) missing from the file would silently run untrained: say so plainly.
+        require_feature_map_state(model, shapes.keys())
         missing, unexpected = load_model(model, str(file), strict=False)
         # Tied parameters are stored once; a missing name that shares storage with a loaded one is loaded.
         loaded_ptrs = {state[k].data_ptr() for k in shapes}

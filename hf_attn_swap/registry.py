@@ -78,6 +78,21 @@ class VariantSpec:
     vanilla_export: Callable[..., Any] | None = None
     description: str = ""
 
+    @property
+    def impl_name(self) -> str:
+        """The name transformers sees as ``attn_implementation`` (see :func:`implementation_name`)."""
+        return implementation_name(self.name)
+
+
+def implementation_name(name: str) -> str:
+    """The transformers-facing name of a variant.
+
+    transformers treats every ``attn_implementation`` containing "flash" as a FlashAttention request
+    (``is_flash_attention_requested`` is a substring test) and tries to load a flash kernel for it, so such names are
+    registered with "flash" spelled "io_aware" ("flash" -> "io_aware"). Every other name is used as is.
+    """
+    return name.replace("flash", "io_aware")
+
 
 _REGISTRY: dict[str, VariantSpec] = {}
 
@@ -94,7 +109,7 @@ def _check_name(name: str) -> None:
             f"invalid variant name {name!r}: use a non-empty name without '/' or ':' and not starting with 'paged' "
             "(transformers reads those as Hub kernels or paged attention)"
         )
-    if name in ("sdpa", "eager", "flex_attention") or name.startswith("flash_attention_"):
+    if name in ("sdpa", "eager", "flex_attention", DISPATCHER_NAME) or name.startswith("flash_attention_"):
         raise ValueError(f"variant name {name!r} would shadow a transformers built-in attention implementation")
 
 
@@ -155,8 +170,8 @@ def register_variant(
         )
         _REGISTRY[name] = spec
         # Both hooks, through their classmethods so every model instance sees them.
-        AttentionInterface.register(name, fn)
-        AttentionMaskInterface.register(name, spec.mask_fn)
+        AttentionInterface.register(spec.impl_name, fn)
+        AttentionMaskInterface.register(spec.impl_name, spec.mask_fn)
         logger.debug("registered attention variant %s", name)
         return spec
 

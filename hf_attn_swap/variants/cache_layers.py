@@ -1,0 +1,175 @@
+"""Cache layers of the sliding-window, sparse and linear variants (transformers ``CacheLayerMixin`` subclasses).
+
+They are installed per layer by the pre-hook of :mod:`._common`, and each also registers a ``_layer_type`` so that a
+``config.layer_types`` naming it builds it too. All of them size the model-level mask like a full layer
+(``get_mask_sizes`` = every position so far): the mask is shared by every layer of a per-layer plan, and each variant
+applies its own window or pattern from the positions it keeps here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.cache_utils import CacheLayerMixin
+
+
+class SwapCacheLayer(CacheLayerMixin):
+    """Common part: a token counter and the padding validity of every kept key."""
+
+    is_sliding = False  # sized like a full layer for transformers' mask builders (see module docstring)
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__()
+        self.cumulative_length = 0
+        self.valid: torch.Tensor | None = None  # (b, kept) bool
+
+    # -- what transformers asks of a cache layer --------------------------------------------------------------------
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.cumulative_length + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def signature(self) -> tuple:
+        return ()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove:
+            raise ValueError(
+                f"{type(self).__name__} cannot be cropped (its state has forgotten evicted tokens); assisted/speculative "
+                "decoding is not supported with this attention"
+            )
+
+    def _tensor_names(self) -> list[str]:
+        return ["keys", "values", "valid"]
+
+    def _map_batch(self, fn) -> None:
+        for name in self._tensor_names():
+            t = getattr(self, name, None)
+            if isinstance(t, torch.Tensor) and t.dim() > 0:
+                setattr(self, name, fn(t))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_batch(lambda t: t[indices, ...])
+
+    def reset(self) -> None:
+        self.__init__(**self._init_kwargs())
+
+    def _init_kwargs(self) -> dict:
+        return {}
+
+    def nbytes(self) -> int:
+        """Bytes held by this layer's tensors (what grows, or does not, with the context)."""
+        total = 0
+        for name in dict.fromkeys(self._tensor_names() + ["positions", "state_s", "state_z"]):
+            t = getattr(self, name, None)
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+        return total
+
+
+class KVWindowLayer(SwapCacheLayer):
+    """Keys/values with their positions: all of them (``window=None``), or the sinks plus the last ``window - 1``.
+
+    ``update`` returns the kept keys followed by the new ones, laid out as ``[sinks][contiguous tail up to now]``:
+    positions ``0..s-1`` then ``t0..total-1``. After the attention function has read the new tokens' validity it calls
+    :meth:`commit_validity`, which trims the validity the same way the keys were trimmed.
+    """
+
+    _layer_type = "hf_attn_swap_kv"
+
+    def __init__(self, window: int | None = None, sinks: int = 0, **kwargs: Any) -> None:
+        super().__init__()
+        self.window = window
+        self.sinks = sinks
+        self.positions: torch.Tensor | None = None
+        self.last_positions: torch.Tensor | None = None
+        self._keep: tuple[int, int] | None = None
+
+    def _init_kwargs(self) -> dict:
+        return {"window": self.window, "sinks": self.sinks}
+
+    def signature(self) -> tuple:
+        return (self.window, self.sinks)
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.keys = key_states[:, :, :0]
+        self.values = value_states[:, :, :0]
+        self.positions = torch.zeros(0, dtype=torch.long, device=self.device)
+        self.valid = torch.zeros(key_states.shape[0], 0, dtype=torch.bool, device=self.device)
+        self.is_initialized = True
+
+    def _trim(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+        n_sink, n_tail = self._keep
+        n = t.shape[dim]
+        if n_sink + n_tail >= n:
+            return t
+        head = t.narrow(dim, 0, n_sink)
+        tail = t.narrow(dim, n - n_tail, n_tail)
+        return torch.cat([head, tail], dim=dim)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        q = key_states.shape[-2]
+        full_k = torch.cat([self.keys, key_states], dim=-2)
+        full_v = torch.cat([self.values, value_states], dim=-2)
+        new_pos = torch.arange(self.cumulative_length, self.cumulative_length + q, device=self.device)
+        full_pos = torch.cat([self.positions, new_pos])
+        self.cumulative_length += q
+        if self.window is None:
+            self._keep = (0, full_pos.numel())
+        else:
+            n_sink = int((full_pos < self.sinks).sum())
+            self._keep = (n_sink, self.window - 1)
+        self.last_positions = full_pos
+        self.keys = self._trim(full_k, -2)
+        self.values = self._trim(full_v, -2)
+        self.positions = self._trim(full_pos, 0)
+        return full_k, full_v
+
+    def commit_validity(self, new_valid: torch.Tensor) -> torch.Tensor:
+        """Record the new tokens' padding validity ``(b, q)``; returns the validity of every key ``update`` returned."""
+        full = torch.cat([self.valid, new_valid.to(self.valid.device)], dim=1)
+        self.valid = self._trim(full, 1)
+        return full
+
+
+class LinearStateLayer(SwapCacheLayer):
+    """Recurrent state of causal linear attention: ``S = sum phi(k) v^T`` ``(b, H_kv, m, d)`` and ``z = sum phi(k)``
+    ``(b, H_kv, m)``, in fp32. Constant memory in the context length: no key or value is kept."""
+
+    _layer_type = "hf_attn_swap_linear"
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__()
+        self.state_s: torch.Tensor | None = None
+        self.state_z: torch.Tensor | None = None
+
+    def _tensor_names(self) -> list[str]:
+        return ["keys", "values", "valid", "state_s", "state_z"]
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.keys = key_states[:, :, :0]
+        self.values = value_states[:, :, :0]
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.cumulative_length += key_states.shape[-2]
+        return key_states, value_states
