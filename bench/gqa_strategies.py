@@ -120,6 +120,8 @@ def markdown(res: dict, command: str) -> str:
     for g in (6, 4, 3, 2, 1):
         cells = [next(r["cosine"] for r in m["rows"] if r["kv_heads"] == g and r["strategy"] == st) for st in STRATEGIES]
         lines.append(f"| {g} | " + " | ".join(f"{c:.4f}" for c in cells) + " |")
+    if meta.get("note"):
+        lines += ["", meta["note"]]
     return "\n".join(lines) + "\n"
 
 
@@ -132,13 +134,14 @@ def main() -> None:
     p.add_argument("--sentences", type=int, default=512)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="results")
+    p.add_argument("--note", default="", help="a remark printed under the tables (e.g. machine load during the run)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     res = {"smollm2": smollm2(args), "minilm": minilm(args)}
     res["meta"] = {"torch": torch.__version__, "transformers": transformers.__version__,
                    "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
-                   "seconds": time.perf_counter() - t0}
+                   "seconds": time.perf_counter() - t0, "note": args.note}
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     res["command"] = command
     out = Path(args.out)

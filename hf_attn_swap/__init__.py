@@ -18,14 +18,22 @@ from .api import (
 )
 from .configs import VariantConfig
 from .registry import LayerSwap, VariantSpec, get_variant, layer_swap, list_variants, register_variant
+from .variants.flash import FlashConfig
 from .variants.gqa import GQAConfig, MQAConfig
+from .variants.linear import LinearConfig
+from .variants.sliding_window import SlidingWindowConfig
+from .variants.sparse import SparseConfig
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "FlashConfig",
     "GQAConfig",
     "LayerSwap",
+    "LinearConfig",
     "MQAConfig",
+    "SlidingWindowConfig",
+    "SparseConfig",
     "SwapRecord",
     "SwapStep",
     "VariantConfig",
@@ -41,3 +49,9 @@ __all__ = [
     "swap_record",
     "unswap_attention",
 ]
+
+# Evaluation (hf_attn_swap.eval): perplexity, and the comparison recipe behind `hf-attn-swap eval`.
+from .eval import PerplexityResult, perplexity, perplexity_of_text  # noqa: E402
+from .eval.compare import EvalConfig, run_comparison  # noqa: E402
+
+__all__ += ["EvalConfig", "PerplexityResult", "perplexity", "perplexity_of_text", "run_comparison"]

@@ -1,0 +1,288 @@
+"""Reports of a comparison: ``results.json`` (list of records), ``run.json`` (config, environment, runtime),
+``results.csv`` (one flat row per variant), ``results.md`` (tables + notes) and ``pareto.png`` (perplexity against
+decode tokens/s, marker area proportional to KV bytes).
+
+Record fields (``ok`` records; ``skipped``/``error`` ones carry ``variant``, ``status``, ``reason``, ``notes``):
+``variant`` (spec string), ``perplexity`` (token-level), ``bits_per_byte``, ``word_perplexity``, ``ppl_delta``,
+``ppl_ratio``, ``prefill_ms`` (median at ``prefill_length``), ``prefill_speedup``, ``decode_tokens_per_s`` (at
+``decode_context``, ``decode_batch``), ``decode_speedup``, ``*_significant``, ``kv_bytes`` (measured, at ``kv_tokens``),
+``kv_bytes_analytic``, ``kv_ratio``, ``passkey_accuracy``, ``passkey`` (per cell), ``peak_mem_*``, ``env`` (device,
+dtype, threads, versions), ``notes``, per-cell ``prefill``/``decode`` lists, timings of each phase.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+CSV_FIELDS = [
+    "variant", "status", "perplexity", "ppl_delta", "ppl_ratio", "bits_per_byte", "word_perplexity",
+    "prefill_length", "prefill_ms", "prefill_speedup", "prefill_significant",
+    "decode_context", "decode_batch", "decode_tokens_per_s", "decode_speedup", "decode_significant",
+    "kv_tokens", "kv_bytes", "kv_bytes_analytic", "kv_ratio", "passkey_accuracy",
+    "peak_mem_bytes", "peak_mem_delta_bytes", "peak_mem_kind", "device", "dtype", "threads", "runtime_s", "reason", "notes",
+]
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "to_dict"):
+        return o.to_dict()
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    return str(o)
+
+
+def _clean(o: Any) -> Any:
+    """inf/nan -> None (JSON has neither)."""
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    if isinstance(o, dict):
+        return {k: _clean(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_clean(v) for v in o]
+    return o
+
+
+def flat_row(rec: dict[str, Any]) -> dict[str, Any]:
+    """One CSV row: the headline fields, every decode/prefill cell, every passkey cell."""
+    env = rec.get("env") or {}
+    row = {k: rec.get(k) for k in CSV_FIELDS}
+    row.update(device=env.get("device"), dtype=env.get("dtype"), threads=env.get("threads"))
+    row["notes"] = " | ".join(rec.get("notes") or [])
+    for c in rec.get("prefill") or []:
+        row[f"prefill_ms_L{c['length']}_b{c['batch']}"] = c["median_ms"]
+    for c in rec.get("decode") or []:
+        row[f"decode_tps_c{c['context']}_b{c['batch']}"] = c["tokens_per_s"]
+    for cell, acc in (rec.get("passkey") or {}).items():
+        row[f"passkey_{cell}"] = acc
+    return row
+
+
+def write_json(records: list[dict[str, Any]], path: Path) -> None:
+    path.write_text(json.dumps(_clean(records), indent=2, default=_json_default) + "\n")
+
+
+def write_csv(records: list[dict[str, Any]], path: Path) -> None:
+    rows = [flat_row(r) for r in records]
+    extra = sorted({k for r in rows for k in r} - set(CSV_FIELDS))
+    with path.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=CSV_FIELDS + extra)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: _fmt_csv(v) for k, v in r.items()})
+
+
+def _fmt_csv(v: Any) -> Any:
+    if isinstance(v, float):
+        return f"{v:.6g}" if math.isfinite(v) else ""
+    return v
+
+
+def _num(v: Any, fmt: str = "{:.2f}") -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float) and not math.isfinite(v):
+        return "inf"
+    return fmt.format(v)
+
+
+def _ppl(v: Any) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.2f}" if v < 1000 else f"{v:.3g}"
+
+
+def _speedup(v: Any, significant: Any, inner: bool = False) -> str:
+    if v is None:
+        return "-"
+    s = f"{v:.2f}x"
+    if significant is False:
+        return s + (" n.s." if inner else " (n.s.)")
+    return s
+
+
+def _mib(b: Any) -> str:
+    return "-" if b is None else (f"{b / 2**20:.2f}" if b >= 2**20 / 100 else f"{b / 1024:.1f} KiB")
+
+
+def markdown(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    """The Markdown report: headline table, decode cells, passkey grid, notes, skipped variants, environment."""
+    ok = [r for r in records if r.get("status") == "ok"]
+    cfg = meta.get("config", {})
+    env = meta.get("environment", {})
+    base = ok[0] if ok else {}
+    lines = [f"# Attention variants of `{cfg.get('model')}`", ""]
+    p = cfg.get("perplexity", {})
+    lines += [
+        f"Perplexity: {meta.get('eval_tokens')} tokens of `{p.get('corpus')}` ({p.get('split')} split), context "
+        f"{p.get('context')}, {(base.get('ppl_detail') or {}).get('stride', p.get('stride') or p.get('context'))} new "
+        f"tokens scored per window. Speed: {env.get('device')} "
+        f"({env.get('device_name')}), {env.get('dtype')}, {base.get('env', {}).get('threads', env.get('threads'))} "
+        f"thread(s), median of repeats{', all variants timed round-robin' if base.get('speed_interleaved') else ''}; "
+        f"ratios vs `baseline`, `(n.s.)` = within the measured spread (IQRs overlap). "
+        f"Total runtime {meta.get('runtime_s')} s.",
+        "",
+    ]
+    pl = base.get("prefill_length")
+    dc, db = base.get("decode_context"), base.get("decode_batch")
+    kt = base.get("kv_tokens")
+    lines += [
+        f"| variant | ppl | Δppl | bits/byte | prefill ms @{pl} | prefill × | decode tok/s @{dc}×{db} | decode × "
+        f"| KV MiB @{kt} | KV × | passkey |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in records:
+        if r.get("status") != "ok":
+            lines.append(f"| {r['variant']} | {r['status']} | | | | | | | | | |")
+            continue
+        lines.append(
+            f"| {r['variant']} | {_ppl(r['perplexity'])} | {_num(r.get('ppl_delta'), '{:+.2f}') if r is not base else '-'} "
+            f"| {_num(r.get('bits_per_byte'), '{:.3f}')} | {_num(r.get('prefill_ms'), '{:.0f}')} "
+            f"| {_speedup(r.get('prefill_speedup'), r.get('prefill_significant')) if r is not base else '1'} "
+            f"| {_num(r.get('decode_tokens_per_s'), '{:.1f}')} "
+            f"| {_speedup(r.get('decode_speedup'), r.get('decode_significant')) if r is not base else '1'} "
+            f"| {_mib(r.get('kv_bytes'))} | {_num(r.get('kv_ratio'))} "
+            f"| {_num(r.get('passkey_accuracy'), '{:.2f}')} |"
+        )
+    lines.append("")
+    lines.append(f"Normalisation: {meta.get('normalisation', '')}.")
+    lines.append("")
+
+    if ok and ok[0].get("decode"):
+        cells = [(c["context"], c["batch"]) for c in ok[0]["decode"]]
+        lines += ["## Decode tokens/s by context × batch (speed-up vs baseline)", ""]
+        lines.append("| variant | " + " | ".join(f"{c}×{b}" for c, b in cells) + " |")
+        lines.append("|---|" + "---:|" * len(cells))
+        for r in ok:
+            vals = []
+            for c, b in cells:
+                cell = next((x for x in r.get("decode", []) if x["context"] == c and x["batch"] == b), None)
+                if cell is None:
+                    vals.append("-")
+                else:
+                    sp = "" if r is ok[0] else f" ({_speedup(cell.get('speedup'), cell.get('significant'), True)})"
+                    vals.append(f"{cell['tokens_per_s']:.1f}{sp}")
+            lines.append(f"| {r['variant']} | " + " | ".join(vals) + " |")
+        lines.append("")
+        pcells = [c["length"] for c in ok[0].get("prefill", [])]
+        lines += ["## Prefill latency, ms (speed-up vs baseline)", ""]
+        lines.append("| variant | " + " | ".join(f"{n} tokens" for n in pcells) + " |")
+        lines.append("|---|" + "---:|" * len(pcells))
+        for r in ok:
+            vals = []
+            for n in pcells:
+                cell = next((x for x in r.get("prefill", []) if x["length"] == n), None)
+                if cell is None:
+                    vals.append("-")
+                else:
+                    sp = "" if r is ok[0] else f" ({_speedup(cell.get('speedup'), cell.get('significant'), True)})"
+                    vals.append(f"{cell['median_ms']:.0f} [{cell['q1_ms']:.0f}-{cell['q3_ms']:.0f}]{sp}")
+            lines.append(f"| {r['variant']} | " + " | ".join(vals) + " |")
+        lines.append("")
+
+    pk_cells = list((ok[0].get("passkey") or {}).keys()) if ok else []
+    if pk_cells:
+        lines += ["## Passkey retrieval accuracy (length@depth)", ""]
+        lines.append("| variant | " + " | ".join(pk_cells) + " |")
+        lines.append("|---|" + "---:|" * len(pk_cells))
+        for r in ok:
+            grid = r.get("passkey") or {}
+            lines.append(f"| {r['variant']} | " + " | ".join(_num(grid.get(c), "{:.2f}") for c in pk_cells) + " |")
+        lines.append("")
+
+    lines += ["## Notes", ""]
+    for r in records:
+        for n in r.get("notes") or []:
+            lines.append(f"- **{r['variant']}**: {n}")
+    lines.append("")
+    lines += [
+        "## Environment",
+        "",
+        "```",
+        json.dumps(env, indent=1),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of points not dominated (higher x = faster is better, lower y = perplexity is better), by x."""
+    idx = sorted(range(len(points)), key=lambda i: (-points[i][0], points[i][1]))
+    front, best_y = [], math.inf
+    for i in idx:
+        if points[i][1] < best_y:
+            front.append(i)
+            best_y = points[i][1]
+    return sorted(front, key=lambda i: points[i][0])
+
+
+def plot_pareto(records: list[dict[str, Any]], path: Path, title: str = "") -> bool:
+    """Perplexity vs decode tokens/s, marker area proportional to KV bytes; returns False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed: no %s (pip install matplotlib)", path.name)
+        return False
+    ok = [r for r in records if r.get("status") == "ok" and r.get("decode_tokens_per_s") and r.get("perplexity")]
+    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=110)
+    if ok:
+        xs = [r["decode_tokens_per_s"] for r in ok]
+        ys = [r["perplexity"] for r in ok]
+        kv = [r.get("kv_bytes") or 0 for r in ok]
+        kmax = max(kv) or 1
+        sizes = [40 + 900 * k / kmax for k in kv]
+        ax.scatter(xs, ys, s=sizes, alpha=0.5, c=range(len(ok)), cmap="tab10", edgecolors="k")
+        for i, (r, x, y) in enumerate(zip(ok, xs, ys)):  # alternate label sides: close points stay readable
+            ax.annotate(r["variant"], (x, y), textcoords="offset points", xytext=(8, 6 if i % 2 == 0 else -12),
+                        fontsize=8)
+        front = pareto_front(list(zip(xs, ys)))
+        if len(front) > 1:
+            ax.plot([xs[i] for i in front], [ys[i] for i in front], "k--", lw=0.8, label="Pareto front")
+            ax.legend(loc="best", fontsize=8)
+        if max(ys) / max(min(ys), 1e-9) > 20:
+            ax.set_yscale("log")
+        r0 = ok[0]
+        ax.set_xlabel(f"decode tokens/s (context {r0.get('decode_context')}, batch {r0.get('decode_batch')}, "
+                      f"{r0.get('env', {}).get('threads')} thread(s)) →")
+        ax.set_ylabel("perplexity (token-level) ↓")
+        ax.text(0.99, 0.01, f"marker area ∝ KV bytes @ {r0.get('kv_tokens')} tokens", transform=ax.transAxes,
+                ha="right", va="bottom", fontsize=7, color="0.3")
+    ax.set_title(title or "perplexity vs decode speed", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def write_reports(records: list[dict[str, Any]], meta: dict[str, Any], out: str | Path, *, plot: bool = True) -> dict[str, Path]:
+    """Write every output into ``out`` (created); returns ``{kind: path}``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "results.json", "csv": out / "results.csv", "md": out / "results.md", "run": out / "run.json"}
+    write_json(records, paths["json"])
+    write_csv(records, paths["csv"])
+    paths["md"].write_text(markdown(records, meta))
+    paths["run"].write_text(json.dumps(_clean(meta), indent=2, default=_json_default) + "\n")
+    if plot:
+        png = out / "pareto.png"
+        title = f"{meta.get('config', {}).get('model')}: perplexity vs decode speed"
+        if plot_pareto(records, png, title):
+            paths["png"] = png
+    logger.info("wrote %s", ", ".join(str(p) for p in paths.values()))
+    return paths
+
+
+__all__ = ["CSV_FIELDS", "flat_row", "markdown", "pareto_front", "plot_pareto", "write_reports"]

@@ -1,0 +1,158 @@
+"""KV bytes (measured == analytic), peak memory, and the speed harness on tiny random models."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+from hf_attn_swap import kv_heads_per_layer, swap_attention
+from hf_attn_swap.eval.memory import (
+    PeakMemory,
+    analytic_kv_bytes,
+    full_kv_bytes,
+    kv_bytes_report,
+    measure_kv_bytes,
+    prefill_cache,
+)
+from hf_attn_swap.eval.speed import Timing, decode_throughput, environment, num_threads, prefill_latency, time_fn
+
+
+@pytest.fixture(scope="module")
+def mha():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=8,
+                      num_key_value_heads=8, head_dim=8, max_position_embeddings=256)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _ids(b: int, n: int) -> torch.Tensor:
+    return torch.randint(0, 101, (b, n), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.mark.parametrize("variant,options,kv_heads", [
+    ("baseline", {}, 8), ("gqa", {"groups": 4}, 4), ("gqa", {"groups": 2, "strategy": "first"}, 2), ("mqa", {}, 1),
+], ids=["mha", "gqa4", "gqa2-first", "mqa"])
+@pytest.mark.parametrize("batch,n", [(1, 37), (3, 20)])
+def test_measured_kv_bytes_equal_analytic(mha, variant, options, kv_heads, batch, n):
+    m = mha if variant == "baseline" else swap_attention(copy.deepcopy(mha), variant, **options)
+    assert kv_heads_per_layer(m) == [kv_heads] * 3
+    measured = measure_kv_bytes(prefill_cache(m, _ids(batch, n)))
+    expected = 3 * 2 * batch * kv_heads * n * 8 * 4  # layers * (K, V) * b * H_kv * n * head_dim * fp32
+    analytic, per_layer = analytic_kv_bytes(m, n, batch=batch)
+    assert measured.total == measured.kv_only == measured.storage == analytic == expected
+    assert per_layer == [expected // 3] * 3
+    assert measured.seq_len == n
+    assert full_kv_bytes(m, n, batch=batch) == expected
+
+
+def test_kv_bytes_in_bfloat16(mha):
+    m = copy.deepcopy(mha).to(torch.bfloat16)
+    measured = measure_kv_bytes(prefill_cache(m, _ids(1, 10)))
+    assert measured.total == analytic_kv_bytes(m, 10)[0] == 3 * 2 * 8 * 10 * 8 * 2
+
+
+def test_transformers_sliding_window_cache():
+    """Mistral's own sliding layer keeps window - 1 tokens; right after prefill it still pins the full storage."""
+    torch.manual_seed(0)
+    cfg = MistralConfig(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, max_position_embeddings=256, sliding_window=16)
+    m = MistralForCausalLM(cfg).eval()
+    measured = measure_kv_bytes(prefill_cache(m, _ids(2, 50)))
+    per_token = 2 * 2 * 2 * 8 * 4  # layers * (K,V) * H_kv * head_dim * fp32, batch 1
+    assert measured.total == analytic_kv_bytes(m, 50, batch=2)[0] == 2 * 15 * per_token
+    assert measured.storage == 2 * 50 * per_token  # views into the prefill K/V
+    assert analytic_kv_bytes(m, 10, batch=2)[0] == 2 * 10 * per_token  # shorter than the window: everything
+
+
+def test_variant_cache_layers(mha):
+    """Variants with their own cache layers: K/V of a window, or a constant-size recurrent state."""
+    sw = swap_attention(copy.deepcopy(mha), "sliding_window", window=16, sinks=4)
+    r = kv_bytes_report(sw, 50, batch=2)
+    assert r["kv_bytes_kv_only"] == r["kv_bytes_analytic"] == 3 * 2 * 2 * 8 * (4 + 15) * 8 * 4
+    assert r["kv_bytes"] >= r["kv_bytes_kv_only"]  # plus bookkeeping (validity mask)
+    assert r["kv_bytes_full"] == 3 * 2 * 2 * 8 * 50 * 8 * 4
+    lin = swap_attention(copy.deepcopy(mha), "linear")
+    small, big = kv_bytes_report(lin, 20)["kv_bytes"], kv_bytes_report(lin, 80)["kv_bytes"]
+    assert small == big == analytic_kv_bytes(lin, 80)[0]  # constant in the context length
+
+
+def test_peak_memory_sees_an_allocation():
+    with PeakMemory("cpu", interval=0.001) as mem:
+        x = torch.ones(64, 2**20 // 4 * 4)  # 64 MiB
+        x += 1
+        import time
+
+        time.sleep(0.05)
+        del x
+    assert mem.kind == "cpu_rss" and mem.peak >= mem.start and mem.delta >= 32 * 2**20
+
+
+def test_timing_statistics():
+    t = Timing.of([4.0, 1.0, 3.0, 2.0, 5.0])
+    assert (t.median_ms, t.min_ms, t.max_ms, t.n) == (3.0, 1.0, 5.0, 5)
+    assert t.q1_ms == 2.0 and t.q3_ms == 4.0
+    calls = []
+    time_fn(lambda: calls.append(1), warmup=2, repeats=3)
+    assert len(calls) == 5
+    with pytest.raises(ValueError):
+        time_fn(lambda: None, repeats=0)
+
+
+def test_threads_are_set_recorded_and_restored(mha):
+    before = torch.get_num_threads()
+    with num_threads(1) as n:
+        assert n == 1 and environment(mha)["threads"] == 1
+        env = environment(mha)
+    assert torch.get_num_threads() == before
+    assert {"device", "dtype", "threads", "torch", "transformers"} <= set(env) and env["dtype"] == "float32"
+
+
+def test_prefill_and_decode_cells(mha):
+    with num_threads(1):
+        pre = prefill_latency(mha, [8, 16], warmup=1, repeats=2)
+        dec = decode_throughput(mha, [8, 24], [1, 3], steps=3, warmup=1)
+    assert [c["length"] for c in pre] == [8, 16] and all(c["n"] == 2 and c["median_ms"] > 0 for c in pre)
+    assert [(c["context"], c["batch"]) for c in dec] == [(8, 1), (8, 3), (24, 1), (24, 3)]
+    for c in dec:
+        assert c["n"] == 3 and c["tokens_per_s"] == pytest.approx(c["batch"] / (c["median_ms"] / 1e3))
+        assert c["tokens_per_s_q1"] <= c["tokens_per_s"] <= c["tokens_per_s_q3"]
+
+
+def test_batch_repeated_cache_decodes_like_a_batched_prefill(mha):
+    """The decode harness prefills one row and repeats the cache; the next tokens equal a real batched prefill's."""
+    from hf_attn_swap.eval.speed import _prefilled
+
+    ids = _ids(1, 12).expand(3, 12).contiguous()
+    cache, nxt = _prefilled(mha, ids)
+    with torch.no_grad():
+        out = mha(input_ids=ids, use_cache=True)
+        ref_nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        a = mha(input_ids=nxt, past_key_values=cache, use_cache=True).logits
+        b = mha(input_ids=ref_nxt, past_key_values=out.past_key_values, use_cache=True).logits
+    assert torch.equal(nxt, ref_nxt)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)  # fp32
+
+
+def test_round_robin_speed_survives_a_failing_model(mha):
+    from hf_attn_swap.eval.speed import compare_speed
+
+    class Broken(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.config = mha.config
+
+        def forward(self, **kw):
+            raise RuntimeError("kernel missing")
+
+    other = swap_attention(copy.deepcopy(mha), "mqa")
+    with num_threads(1):
+        res, errors = compare_speed({"a": mha, "broken": Broken(), "b": other}, prefill_lengths=[8], decode_contexts=[8],
+                                    decode_batch_sizes=[2], steps=3, warmup=0, decode_warmup=1, repeats=2)
+    assert set(errors) == {"broken"} and "kernel missing" in errors["broken"]
+    for name in ("a", "b"):
+        assert res[name]["prefill"][0]["n"] == 2 and res[name]["decode"][0]["n"] == 3
+    assert res["b"]["decode"][0]["kv_bytes"] == res["a"]["decode"][0]["kv_bytes"] // 8  # 8 -> 1 KV heads
