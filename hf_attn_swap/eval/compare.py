@@ -18,6 +18,8 @@ import copy
 import dataclasses
 import gc
 import logging
+import shlex
+import sys
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -509,6 +511,8 @@ def run_comparison(
     with num_threads(cfg.speed.threads):
         env = environment(model)
     meta = {
+        # the command line that produced these figures (shown at the top of results.md)
+        "command": " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).name, *sys.argv[1:]]),
         "config": cfg.to_dict(),
         "runtime_s": round(runtime, 1),
         "environment": env,

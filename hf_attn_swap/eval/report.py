@@ -120,6 +120,8 @@ def markdown(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     env = meta.get("environment", {})
     base = ok[0] if ok else {}
     lines = [f"# Attention variants of `{cfg.get('model')}`", ""]
+    if meta.get("command"):
+        lines += [f"Command: `{meta['command']}`", ""]
     p = cfg.get("perplexity", {})
     lines += [
         f"Perplexity: {meta.get('eval_tokens')} tokens of `{p.get('corpus')}` ({p.get('split')} split), context "
