@@ -1,0 +1,276 @@
+"""Per-layer attention-output matching: train each student attention module on the teacher's own inputs.
+
+Every attention module of the student is fed the hidden states the *teacher's* corresponding module received, and a
+few of its parameters are trained (Adam, MSE) to reproduce the teacher module's output. Layers are independent, so
+there is no backpropagation through the network: on a CPU this is one to two orders of magnitude cheaper per token
+than end-to-end training, and it is what LoLCATs calls attention transfer (stage 1). After a GQA/MQA conversion it
+starts from the converted weights (``strategy="fit"`` is the best start) and trains Q/K/V/O per layer.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..api import attention_sites, parse_layers, swap_record
+
+logger = logging.getLogger(__name__)
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass early (only the first module's kwargs are needed)."""
+
+
+@dataclass
+class LayerStat:
+    """Attention-output MSE of one layer before and after training (on the calibration inputs).
+
+    ``rel_*`` divides by the mean square of the teacher's output: 0 = exact, 1 = as bad as outputting zeros.
+    """
+
+    layer: int
+    mse_before: float
+    mse_after: float
+    rel_before: float
+    rel_after: float
+
+
+@dataclass
+class LayerwiseResult:
+    """What :func:`layerwise_transfer` did."""
+
+    layers: list[LayerStat] = field(default_factory=list)
+    tokens: int = 0
+    steps_per_layer: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def mean_rel_before(self) -> float:
+        return sum(s.rel_before for s in self.layers) / max(len(self.layers), 1)
+
+    @property
+    def mean_rel_after(self) -> float:
+        return sum(s.rel_after for s in self.layers) / max(len(self.layers), 1)
+
+
+def check_transferable(student: nn.Module, teacher: nn.Module, layers: list[int] | None = None) -> list[int]:
+    """Validate that every selected student attention module has a teacher counterpart with an output to match.
+
+    Returns:
+        The selected layer indices.
+
+    Raises:
+        ValueError: different layer counts or hidden sizes, or an attention module without a tensor output.
+    """
+    s_sites, t_sites = attention_sites(student), attention_sites(teacher)
+    if len(s_sites) != len(t_sites):
+        raise ValueError(
+            f"attention transfer needs one teacher attention module per student module; the student has "
+            f"{len(s_sites)} and the teacher {len(t_sites)}"
+        )
+    for name in ("hidden_size", "vocab_size"):
+        a, b = getattr(student.config, name, None), getattr(teacher.config, name, None)
+        if a != b:
+            raise ValueError(f"teacher and student differ in {name} ({b} vs {a}): use the unconverted model as teacher")
+    return parse_layers(layers, len(s_sites))
+
+
+#: submodule holding a linear variant's learned feature map (hedgehog) on an attention module.
+FEATURE_MAP_ATTR = "hf_attn_swap_feature_map"
+
+
+def module_parameters(module: nn.Module, which: str, adapter_k: str = "k_proj", adapter_v: str = "v_proj") -> list[nn.Parameter]:
+    """Parameters of one attention module selected by ``which``: ``attention`` (all of them), ``kv`` (the K/V
+    projections) or ``feature_map`` (a linear variant's learned feature map, e.g. hedgehog)."""
+    if which in ("attention", "all"):
+        return [p for p in module.parameters() if p.dtype.is_floating_point]
+    heads = {"kv": (adapter_k, adapter_v), "feature_map": (FEATURE_MAP_ATTR,)}.get(which)
+    if heads is None:
+        raise ValueError(f"unknown layerwise trainable {which!r}; allowed: attention, kv, feature_map")
+    return [p for n, p in module.named_parameters() if n.split(".")[0] in heads and p.dtype.is_floating_point]
+
+
+def _batches(ids: torch.Tensor, rows: int) -> list[torch.Tensor]:
+    n = ids.shape[0] - ids.shape[0] % rows
+    if n == 0:
+        raise ValueError(f"layerwise transfer needs at least {rows} calibration rows; got {ids.shape[0]}")
+    return list(ids[:n].split(rows))
+
+
+@torch.no_grad()
+def capture_teacher(teacher: nn.Module, batches: list[torch.Tensor], layers: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Run the teacher and keep each selected attention module's input hidden states and output (float32).
+
+    Returns:
+        ``(inputs, outputs)``: one tensor ``(n_rows, L, E)`` per selected layer each.
+    """
+    sites = attention_sites(teacher)
+    ins: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
+    outs: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
+    handles = []
+    for i in layers:
+        def hook(_m, args, kwargs, output, i=i):
+            x = kwargs.get("hidden_states", args[0] if args else None)
+            y = output[0] if isinstance(output, tuple) else output
+            if not isinstance(y, torch.Tensor):
+                raise ValueError(f"teacher attention layer {i} returned no output tensor to transfer")
+            ins[i].append(x.detach().float())
+            outs[i].append(y.detach().float())
+
+        handles.append(sites[i].module.register_forward_hook(hook, with_kwargs=True))
+    was = teacher.training
+    teacher.eval()
+    try:
+        for b in batches:
+            teacher(input_ids=b, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+        teacher.train(was)
+    return [torch.cat(ins[i]) for i in layers], [torch.cat(outs[i]) for i in layers]
+
+
+@torch.no_grad()
+def module_kwargs(model: nn.Module, input_ids: torch.Tensor) -> dict[str, Any]:
+    """The keyword arguments ``model`` passes its first attention module for ``input_ids`` (masks, RoPE tables).
+
+    Only the embeddings and mask construction run: a hook stops the forward at the first attention module.
+    """
+    sites = attention_sites(model)
+    seen: dict[str, Any] = {}
+
+    def hook(_m, args, kwargs):
+        seen.update({k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "past_key_value")})
+        raise _Stop
+
+    h = sites[0].module.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        model(input_ids=input_ids, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        h.remove()
+    return seen
+
+
+def _module_out(module: nn.Module, x: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+    out = module(hidden_states=x, **kwargs)
+    y = out[0] if isinstance(out, tuple) else out
+    if not isinstance(y, torch.Tensor):
+        raise ValueError(f"attention module {type(module).__name__} returned no output tensor to transfer")
+    return y
+
+
+def layerwise_transfer(
+    student: nn.Module,
+    teacher: nn.Module,
+    calibration: torch.Tensor,
+    *,
+    layers: Any = None,
+    trainable: str = "attention",
+    steps: int = 200,
+    lr: float = 1e-3,
+    batch_rows: int = 4,
+    seed: int = 0,
+    progress: bool = False,
+) -> LayerwiseResult:
+    """Train each student attention module to reproduce the teacher module's output on the teacher's inputs.
+
+    Args:
+        student: the converted model (changed in place; parameters outside the attention modules are untouched).
+        teacher: the unconverted model (frozen, only run forward).
+        calibration: input ids ``(n, L)``: training text disjoint from any evaluation text.
+        layers: which layers (default all); see :func:`hf_attn_swap.parse_layers`.
+        trainable: ``attention`` (every parameter of the module: Q/K/V/O, feature maps) or ``kv``.
+        steps: Adam steps per layer (cosine-decayed learning rate).
+        lr: peak learning rate.
+        batch_rows: rows of ``calibration`` per step.
+        seed: order of the minibatches.
+        progress: show a tqdm bar over layers.
+
+    Returns:
+        Per-layer attention-output MSE before and after.
+
+    Raises:
+        ValueError: mismatched teacher/student, too little calibration text, nothing to train.
+    """
+    if not isinstance(calibration, torch.Tensor) or calibration.dim() != 2 or calibration.numel() == 0:
+        raise ValueError("calibration must be a non-empty LongTensor of input ids (n, L)")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    idx = check_transferable(student, teacher, layers)
+    if swap_record(student) is None:
+        logger.warning("the student has no attention swap recorded: layerwise transfer starts from the teacher's own weights")
+    from ..convert.adapters import get_adapter
+
+    adapter = get_adapter(student)
+    start = time.perf_counter()
+    batches = _batches(calibration, batch_rows)
+    sites = attention_sites(student)
+    params_per_layer = [module_parameters(sites[i].module, trainable, adapter.k, adapter.v) for i in idx]
+    if not any(params_per_layer):
+        raise ValueError(f"nothing to train: trainable={trainable!r} selects no parameter in the attention modules")
+    xs, ys = capture_teacher(teacher, batches, idx)
+    kwargs = module_kwargs(student, batches[0])
+    n_rows = xs[0].shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    result = LayerwiseResult(tokens=int(n_rows * calibration.shape[1]), steps_per_layer=steps)
+    all_params = [p for p in student.parameters()]
+    saved_flags = [p.requires_grad for p in all_params]
+    was = student.training
+    student.eval()  # no dropout: the target is deterministic
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(idx), desc="layerwise transfer", unit="layer")
+    try:
+        for p in all_params:
+            p.requires_grad_(False)
+        for j, (i, params) in enumerate(zip(idx, params_per_layer)):
+            module = sites[i].module
+            x_all, y_all = xs[j], ys[j]
+            scale = float(y_all.pow(2).mean().clamp_min(1e-30))
+            probe = slice(0, batch_rows)
+            with torch.no_grad():
+                before = float((_module_out(module, x_all[probe], kwargs) - y_all[probe]).pow(2).mean())
+            if params:
+                for p in params:
+                    p.requires_grad_(True)
+                opt = torch.optim.Adam(params, lr=lr)
+                sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+                for _ in range(steps):
+                    rows = torch.randperm(n_rows, generator=gen)[:batch_rows]
+                    loss = (_module_out(module, x_all[rows], kwargs) - y_all[rows]).pow(2).mean() / scale
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    sched.step()
+                for p in params:
+                    p.requires_grad_(False)
+            with torch.no_grad():
+                after = float((_module_out(module, x_all[probe], kwargs) - y_all[probe]).pow(2).mean())
+            result.layers.append(LayerStat(i, before, after, before / scale, after / scale))
+            logger.info("layer %d: attention-output MSE %.4g -> %.4g (relative %.4f -> %.4f)", i, before, after,
+                        before / scale, after / scale)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(rel=f"{before / scale:.3f}->{after / scale:.3f}")
+            xs[j] = ys[j] = None  # free as we go
+    finally:
+        for p, flag in zip(all_params, saved_flags):
+            p.requires_grad_(flag)
+        student.train(was)
+        if bar is not None:
+            bar.close()
+    result.seconds = time.perf_counter() - start
+    return result

@@ -1,0 +1,104 @@
+"""``uptrain`` end to end on a tiny random llama with SmolLM2's tokenizer and real text; CLI and recipe configs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from hf_attn_swap.checkpoint import load_swapped
+from hf_attn_swap.train import UptrainConfig, uptrain
+from hf_attn_swap.zoo import resolve_model
+
+torch.set_num_threads(2)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    """A tiny random llama (2 layers, 4 heads, 2 KV heads) saved with SmolLM2's real tokenizer."""
+    tok = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      tie_word_embeddings=True)
+    out = tmp_path_factory.mktemp("tiny")
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def small(base: Path, out: Path, **kw) -> UptrainConfig:
+    opts = dict(model=str(base), variant="mqa", variant_options={"strategy": "fit"}, conversion_tokens=256,
+                corpus="shakespeare", eval_windows=2, eval_context=64, layerwise_tokens=512, layerwise_steps=5,
+                layerwise_rows=2, block_size=64, tokens=1024, batch_size=4, lr=1e-3, save_steps=2, logging_steps=1,
+                output_dir=str(out), progress=False)
+    opts.update(kw)
+    return UptrainConfig(**opts)
+
+
+def test_uptrain_runs_measures_saves_and_reloads_identically(base, tmp_path):
+    cfg = small(base, tmp_path / "run")
+    r = uptrain(cfg)
+    assert [c.stage for c in r.curve] == ["converted", "layerwise", "end_to_end"]
+    assert r.ppl_original > 1 and r.ppl_converted > 1 and r.ppl_uptrained == r.curve[-1].ppl
+    assert r.tokens == 256 + 512 + 1024
+    saved = json.loads((tmp_path / "run" / "uptrain_result.json").read_text())
+    assert {"ppl_original", "ppl_converted", "ppl_uptrained", "tokens", "seconds", "curve"} <= set(saved)
+    losses = [e["loss"] for e in r.train_log if "loss" in e]
+    assert len(losses) == 1024 // (4 * 64)
+
+    ids = torch.randint(0, 1000, (2, 24))
+    with torch.no_grad():
+        want = r.model(input_ids=ids).logits
+        got = load_swapped(tmp_path / "run" / "final")(input_ids=ids).logits
+        vanilla = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final")  # no sidecar needed for MQA
+        assert vanilla.config.num_key_value_heads == 1
+        plain = vanilla(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)  # fp32, same weights
+    torch.testing.assert_close(plain, want, rtol=0, atol=1e-4)  # fp32, sdpa vs grouped kernel order
+
+    # Resuming a finished run reloads stage 1 and the last checkpoint and trains nothing more.
+    again = uptrain(cfg, resume=True)
+    with torch.no_grad():
+        torch.testing.assert_close(again.model(input_ids=ids).logits, want, rtol=0, atol=1e-5)
+
+
+def test_lora_result_is_merged_and_reloads(base, tmp_path):
+    r = uptrain(small(base, tmp_path / "lora", trainable="lora", layerwise_tokens=0, lm_weight=1.0, kl_weight=0.5,
+                     eval_windows=0, conversion_tokens=0, variant_options={"strategy": "mean"}))
+    assert not any("lora" in n for n, _ in r.model.named_parameters())
+    ids = torch.randint(0, 1000, (1, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(load_swapped(tmp_path / "lora" / "final")(input_ids=ids).logits,
+                                   r.model(input_ids=ids).logits, rtol=0, atol=1e-5)
+
+
+def test_too_short_text_is_an_error_and_writes_nothing(base, tmp_path):
+    text = tmp_path / "tiny.txt"
+    text.write_text("Too short. " * 10)
+    out = tmp_path / "never"
+    with pytest.raises(ValueError, match="empty|too short|fewer"):
+        uptrain(small(base, out, corpus=str(text)))
+    assert not out.exists()
+
+
+def test_every_recipe_config_is_valid():
+    configs = sorted((ROOT / "recipes" / "configs").glob("uptrain_*.yaml"))
+    assert configs
+    for path in configs:
+        cfg = UptrainConfig.load(path)
+        assert "recipes/uptrain.py" in path.read_text().splitlines()[0], f"{path.name}: first line = launch command"
+        assert cfg.end_to_end or cfg.layerwise_tokens
+
+
+def test_cli_prints_resolved_config(capsys):
+    from hf_attn_swap.cli import main
+
+    assert main(["uptrain", "--print-config", "tokens=123", "lr=2e-4"]) == 0
+    printed = capsys.readouterr().out
+    assert "tokens: 123" in printed and "lr: 0.0002" in printed
+    assert main(["uptrain", "--print-config", "trainable=mlp"]) == 2  # clear one-line error
