@@ -134,7 +134,7 @@ def _make_config(variant: Any, options: dict[str, Any]) -> VariantConfig:
     return spec.config_cls.from_dict(options)
 
 
-def _plan(model: nn.Module, variant: Any, layers: Any, options: dict[str, Any], n: int) -> list[tuple[VariantConfig, list[int]]]:
+def _plan(variant: Any, layers: Any, options: dict[str, Any], n: int) -> list[tuple[VariantConfig, list[int]]]:
     if isinstance(variant, Mapping):
         if layers is not None or options:
             raise ValueError("a per-layer plan carries its own layers and options; do not pass layers= or options too")
@@ -179,12 +179,13 @@ def swap_attention(model: nn.Module, variant: Any, *, layers: Any = None, calibr
     _check_quantized(model)
     adapter = get_adapter(model)
     sites = find_attention(model, adapter)
-    plan = _plan(model, variant, layers, options, len(sites))
+    plan = _plan(variant, layers, options, len(sites))
     for cfg, idx in plan:
         cfg.check_model(model, idx)
-        if getattr(cfg, "strategy", None) == "fit" and calibration is None:
+        if calibration is None and cfg.requires_calibration():
             raise ValueError(
-                "strategy 'fit' needs calibration text: pass calibration=<LongTensor of input ids (n, L)>"
+                f"{type(cfg).variant} with {cfg.to_json()} needs calibration text: pass "
+                "calibration=<LongTensor of input ids (n, L)> (e.g. a few thousand tokens of held-in text)"
             )
 
     _apply_plan(model, plan, calibration=calibration)

@@ -217,7 +217,7 @@ def load_swapped(path: str | os.PathLike[str], *, dtype: torch.dtype | None = No
 def _replay(model: nn.Module, steps: list[SwapStep], path: Path) -> None:
     try:
         for step in steps:
-            plan = _plan(model, step.variant, step.layers, dict(step.options), _num_layers(model))
+            plan = _plan(step.variant, step.layers, dict(step.options), _num_layers(model))
             for cfg, idx in plan:
                 cfg.check_model(model, idx)
             _apply_plan(model, plan, structure_only=True)

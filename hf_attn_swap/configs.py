@@ -28,6 +28,10 @@ class VariantConfig:
     def check_model(self, model: Any, layers: list[int]) -> None:  # noqa: D401 - hook
         """Model-level validation; raise ``ValueError`` if these options cannot apply to ``model``'s ``layers``."""
 
+    def requires_calibration(self) -> bool:
+        """Whether applying these options needs ``calibration=`` model inputs (checked before anything changes)."""
+        return False
+
     def to_dict(self) -> dict[str, Any]:
         """The options as a JSON-ready dict (sorted keys when dumped)."""
         return dataclasses.asdict(self)

@@ -84,7 +84,7 @@ def _resolve(module: nn.Module, parent: nn.Module, path: str) -> nn.Module:
     return obj
 
 
-def _qkv_sizes(module: nn.Module, heads: int, head_dim: int, total: int) -> tuple[int, int, int]:
+def _qkv_sizes(heads: int, head_dim: int, total: int) -> tuple[int, int, int]:
     q = heads * head_dim
     kv = (total - q) // 2
     return q, kv, kv
@@ -119,7 +119,7 @@ def read_projections(
         w = w.reshape(n_heads, 3, head_dim, -1).transpose(0, 1).reshape(3 * n_heads * head_dim, -1)
         if b is not None:
             b = b.reshape(n_heads, 3, head_dim).transpose(0, 1).reshape(-1)
-    sizes = _qkv_sizes(module, heads, head_dim, w.shape[0])
+    sizes = _qkv_sizes(heads, head_dim, w.shape[0])
     q_w, k_w, v_w = w.split(sizes, dim=0)
     if kv_only:
         return k_w

@@ -51,6 +51,9 @@ class GQAConfig(VariantConfig):
         if self.strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {self.strategy!r}; allowed: {', '.join(STRATEGIES)}")
 
+    def requires_calibration(self) -> bool:
+        return self.strategy == "fit"
+
     def check_model(self, model: Any, layers: list[int]) -> None:
         adapter = get_adapter(model)
         sites = find_attention(model, adapter)
@@ -78,6 +81,9 @@ class MQAConfig(VariantConfig):
 
     def __post_init__(self) -> None:
         GQAConfig(1, self.strategy, self.seed)
+
+    def requires_calibration(self) -> bool:
+        return self.strategy == "fit"
 
     def check_model(self, model: Any, layers: list[int]) -> None:
         GQAConfig(1, self.strategy, self.seed).check_model(model, layers)
