@@ -69,7 +69,11 @@ def run(args: argparse.Namespace) -> int:
     t = time.perf_counter()
     swap_attention(model, name, layers=args.layers, calibration=calibration, **options)
     report["convert_s"] = round(time.perf_counter() - t, 2)
-    report["steps"] = swap_record(model).to_dict()["steps"]
+    report["steps"] = [
+        {**s, "layers": f"{s['layers'][0]}-{s['layers'][-1]}" if s["layers"] == list(range(s["layers"][0], s["layers"][-1] + 1))
+         else s["layers"]}
+        for s in swap_record(model).to_dict()["steps"]
+    ]
     print(f"converted with {name} {options} in {report['convert_s']} s")
     if causal and args.eval_tokens:
         after = perplexity(model, ids, context=args.context)

@@ -1,0 +1,51 @@
+"""The command line: `variants` and `convert` end to end on a small llama with SmolLM2's real tokenizer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers as tf
+
+from hf_attn_swap.checkpoint import load_swapped, read_sidecar
+from hf_attn_swap.cli import main
+
+
+def test_variants_lists_every_variant_with_options(capsys):
+    assert main(["variants"]) == 0
+    out = capsys.readouterr().out
+    for name in ("gqa", "mqa", "sliding_window", "linear", "flash", "sparse"):
+        assert name in out
+    assert "groups, strategy, seed" in out
+
+
+@pytest.fixture()
+def small_llama_dir(tmp_path, smollm2):
+    _, tok = smollm2
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=8, num_key_value_heads=4, head_dim=8, max_position_embeddings=512)
+    path = tmp_path / "small"
+    tf.LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_convert_reports_perplexity_and_saves(small_llama_dir, tmp_path, capsys):
+    out = tmp_path / "converted"
+    code = main(["convert", "--model", str(small_llama_dir), "--variant", "gqa:groups=2,strategy=fit",
+                 "--calib-tokens", "1024", "--eval-tokens", "128", "--context", "64", "--out", str(out)])
+    assert code == 0
+    text = capsys.readouterr().out
+    report = json.loads(text[text.index("\n{\n") + 1 :])  # the JSON summary ends the output
+    assert report["ppl_before"] > 1 and report["ppl_after"] > 1
+    assert report["steps"][0]["layers"] == "0-1" and report["steps"][0]["calibration_tokens"] == 1024
+    assert read_sidecar(out)["vanilla"] is True
+    assert load_swapped(out).config.num_key_value_heads == 2
+
+
+def test_convert_bad_variant_is_one_clear_line(small_llama_dir, capsys):
+    assert main(["convert", "--model", str(small_llama_dir), "--variant", "gqa:groups=3", "--eval-tokens", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "error: groups=3 must divide" in err and "Traceback" not in err
