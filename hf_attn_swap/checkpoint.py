@@ -200,7 +200,8 @@ def load_swapped(path: str | os.PathLike[str], *, dtype: torch.dtype | None = No
         missing, unexpected = load_model(model, str(file), strict=False)
         # Tied parameters are stored once; a missing name that shares storage with a loaded one is loaded.
         loaded_ptrs = {state[k].data_ptr() for k in shapes}
-        missing = [k for k in missing if k not in _non_persistent(model) and state[k].data_ptr() not in loaded_ptrs]
+        buffers = _non_persistent(model)
+        missing = [k for k in missing if k not in buffers and state[k].data_ptr() not in loaded_ptrs]
         if missing or unexpected:
             raise SidecarMismatchError(f"{path}: weights missing {missing[:5]} / unexpected {list(unexpected)[:5]}")
     if steps:

@@ -211,10 +211,6 @@ def convert_gqa(model: torch.nn.Module, config: GQAConfig | MQAConfig, layers: l
     }
 
 
-def _mqa_convert(model, config, layers, **kw):
-    return convert_gqa(model, config, layers, **kw)
-
-
 def vanilla_export(model: torch.nn.Module, step: Any):
     """GPT-2 converted to MQA saves as GPT-BigCode (``multi_query=True``); other families have no other form."""
     from ..convert.vanilla import gpt2_mqa_as_bigcode
@@ -234,7 +230,7 @@ register_variant(
     "mqa",
     grouped_attention,
     config=MQAConfig,
-    convert=_mqa_convert,
+    convert=convert_gqa,  # MQAConfig has no groups: convert_gqa reads 1
     vanilla_export=vanilla_export,
     description="multi-query attention: gqa with one K/V head",
 )
