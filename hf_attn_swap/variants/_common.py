@@ -46,6 +46,21 @@ def in_reference_mode() -> bool:
     return _REFERENCE_MODE
 
 
+#: torch >= 2.5 lets SDPA read one K/V head for a group of query heads.
+SDPA_HAS_GQA = "enable_gqa" in (torch.nn.functional.scaled_dot_product_attention.__doc__ or "")
+
+
+def grouped_kv(key: torch.Tensor, value: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """K/V and SDPA keyword arguments for ``heads`` query heads: ``enable_gqa`` where torch has it (no copy), else
+    the heads repeated (torch < 2.5, the only option there)."""
+    group = heads // key.shape[1]
+    if group == 1:
+        return key, value, {}
+    if SDPA_HAS_GQA:
+        return key, value, {"enable_gqa": True}
+    return key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1), {}
+
+
 def new_token_validity(attention_mask: torch.Tensor | None, batch: int, q_len: int, device) -> torch.Tensor:
     """``(b, q)`` bool: False where the new token is padding (read off the mask diagonal of its last ``q`` columns)."""
     if attention_mask is None:

@@ -1,13 +1,22 @@
 """Blocked local attention: each block of queries attends only to the keys inside its window (plus sink tokens).
 
 Work is ``O(n * (window + block + sinks))`` instead of ``O(n^2)``: a dense SDPA call with a window mask still does the
-full ``n^2`` work (the mask only hides it), so the keys are sliced per query block before the kernel sees them. Each
-block is one SDPA call (the CPU flash kernel), GQA through ``enable_gqa`` / the grouped fold, never ``repeat_kv``.
+full ``n^2`` work (the mask only hides it), so the keys are sliced per query block before the kernel sees them.
+
+Two paths:
+
+* the *interior* (queries whose whole window lies inside the keys, no padding): one SDPA call over all blocks, the
+  keys of each block an overlapping strided view of K/V (no copy: measured faster than copying them, the blocks share
+  cache lines), one float band mask shared by every block (a bool mask is converted to float on every call), GQA
+  folded into the query rows. Sinks, when some query sees them, are merged in by log-sum-exp (CPU, no grad).
+* everything else (the first window, padded batches, sinks under autograd): the general masked path.
 """
 
 from __future__ import annotations
 
 import torch
+
+from ._common import grouped_kv
 
 #: queries per block; small blocks waste less of the band (``block - 1`` extra columns), large ones cost fewer calls.
 DEFAULT_BLOCK = 64
@@ -19,7 +28,7 @@ def default_block(window: int) -> int:
     return int(min(256, max(32, window // 8)))
 
 
-def blocked_local_attention(
+def _blocked_general(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
@@ -34,19 +43,7 @@ def blocked_local_attention(
     dropout: float = 0.0,
     block: int | None = None,
 ) -> torch.Tensor:
-    """Causal sliding-window attention with sinks over keys laid out ``[sinks][contiguous tail]``.
-
-    Args:
-        query: ``(b, H, q, d)`` at positions ``q_start .. q_start + q - 1``.
-        key, value: ``(b, H_kv, n_sink + L, d)``: the first ``n_sink`` keys are at positions ``0..n_sink-1`` (kept
-            sinks of an evicting cache), the rest at ``tail_start .. tail_start + L - 1`` (ending at the last query).
-        window: key ``j`` visible from query ``i`` when ``i - window < j <= i``.
-        sinks: and when ``j < sinks``.
-        key_valid: ``(b, n_sink + L)`` bool, False for padding.
-        block: queries per block (default :func:`default_block`).
-
-    Returns:
-        ``(b, q, H, d)``.
+    """The general path of :func:`blocked_local_attention` (any layout, padding, sinks; masks built per block).
     """
     b, h, q_len, d = query.shape
     h_kv = key.shape[1]
@@ -86,7 +83,6 @@ def blocked_local_attention(
         sb = max(s_mask.shape[0], mask_w.shape[0])
         mask_w = torch.cat([s_mask.expand(sb, nb, blk, n_use), mask_w.expand(sb, nb, blk, width)], dim=-1)
     qpad = torch.nn.functional.pad(query, (0, 0, 0, pad_end))
-    gqa = {"enable_gqa": True} if h_kv != h else {}
     # Groups of blocks per SDPA call bound the memory of the unfolded keys (~4k queries per call).
     per_call = max(1, 4096 // blk)
     outs = []
@@ -105,8 +101,157 @@ def blocked_local_attention(
         vg = vg.reshape(b * ng, h_kv, -1, d)
         mg = mask_w[:, g0:g1]
         mg = mg.expand(b, ng, blk, mg.shape[-1]).reshape(b * ng, 1, blk, mg.shape[-1])
+        kg, vg, gqa = grouped_kv(kg, vg, h)
         og = torch.nn.functional.scaled_dot_product_attention(qg, kg, vg, attn_mask=mg, dropout_p=dropout,
                                                               scale=scaling, **gqa)
         outs.append(og.reshape(b, ng, h, blk, d))
     out = torch.cat(outs, dim=1).permute(0, 1, 3, 2, 4).reshape(b, nb * blk, h, d)
     return out[:, :q_len]
+
+
+def _interior_band(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, out: torch.Tensor, *, window: int, block: int,
+    scaling: float | None,
+) -> torch.Tensor | None:
+    """Band attention for queries whose full window is present: ``query`` ``(b, H, m, d)`` at positions ``P..P+m-1``,
+    ``key``/``value`` ``(b, H_kv, m + window - 1, d)`` at positions ``P-window+1 .. P+m-1``.
+
+    Writes the output into ``out`` ``(b, H, m, d)``; returns the log-sum-exp ``(b, H, m)`` when computed through the
+    CPU flash op (for merging sinks), else ``None``.
+    """
+    b, h, m, d = query.shape
+    h_kv = key.shape[1]
+    grp = h // h_kv
+    nb, rest = divmod(m, block)
+    width = block + window - 1
+    r = torch.arange(block, device=query.device)[:, None]
+    c = torch.arange(width, device=query.device)[None, :]
+    band = (c >= r) & (c <= r + window - 1)
+    mask = torch.zeros(block, width, dtype=query.dtype, device=query.device).masked_fill(~band, float("-inf"))
+    want_lse = _lse_op_usable(query)
+    lse = query.new_empty(b, h, m) if want_lse else None
+    for start, count, rows in ((0, nb, block), (nb * block, 1 if rest else 0, rest)):
+        if not count:
+            continue
+        w_ = rows + window - 1
+        span = slice(start, start + (count - 1) * rows + w_)
+        q_ = query[:, :, start : start + count * rows]
+        # Blocks go in SDPA's head dimension and (batch, KV head) in its batch dimension, so that queries and output
+        # stay views of (b, H, m, d); a GQA group's heads are folded into the query rows of their KV head's blocks.
+        q_ = q_.reshape(b * h_kv, grp, count, rows, d)
+        q_ = q_.reshape(b * h_kv, count, rows, d) if grp == 1 else q_.transpose(1, 2).reshape(b * h_kv, count, grp * rows, d)
+        k_ = key[:, :, span].unfold(2, w_, rows).transpose(-1, -2).reshape(b * h_kv, count, w_, d)
+        v_ = value[:, :, span].unfold(2, w_, rows).transpose(-1, -2).reshape(b * h_kv, count, w_, d)
+        m_ = mask[:rows, :w_].repeat(grp, 1)[None, None]
+        if want_lse:
+            o_, l_ = _flash_cpu(q_, k_, v_, attn_mask=m_, scale=scaling)
+            lse[:, :, start : start + count * rows] = (
+                l_.reshape(b, h_kv, count, grp, rows).transpose(2, 3).reshape(b, h, count * rows))
+        else:
+            o_ = torch.nn.functional.scaled_dot_product_attention(q_, k_, v_, attn_mask=m_, scale=scaling)
+        out[:, :, start : start + count * rows] = (
+            o_.reshape(b, h_kv, count, grp, rows, d).transpose(2, 3).reshape(b, h, count * rows, d))
+    return lse
+
+
+def _flash_cpu(q, k, v, *, attn_mask, scale):
+    """CPU flash kernel returning (output, log-sum-exp); the public SDPA drops the latter."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=attn_mask,
+                                                                      scale=scale)
+
+
+def _lse_op_usable(query: torch.Tensor) -> bool:
+    # The op's log-sum-exp has no gradient, so the merge is inference-only; it exists on CPU from torch 2.3.
+    return (query.device.type == "cpu" and not torch.is_grad_enabled()
+            and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"))
+
+
+def _merge_sinks(out: torch.Tensor, lse: torch.Tensor, query: torch.Tensor, sink_k: torch.Tensor,
+                 sink_v: torch.Tensor, scaling: float | None) -> torch.Tensor:
+    """Add, in place, the attention to sink keys (all visible to these queries) to ``out`` (b, H, m, d), weighting
+    both parts by their log-sum-exp: softmax over the union of key sets, exactly."""
+    b, h, m, d = query.shape
+    h_kv = sink_k.shape[1]
+    grp = h // h_kv
+    scale = scaling if scaling is not None else d ** -0.5
+    qg = query.reshape(b, h_kv, grp * m, d)
+    s = torch.matmul(qg, sink_k.transpose(-1, -2)) * scale  # (b, H_kv, grp*m, S)
+    lse_s = torch.logsumexp(s, dim=-1)
+    o_s = torch.matmul(torch.softmax(s, dim=-1), sink_v)  # (b, H_kv, grp*m, d)
+    o_s = o_s.reshape(b, h, m, d)
+    # softmax over the union = (e^lse * band + e^lse_s * sinks) / (e^lse + e^lse_s): a lerp by sigmoid(lse_s - lse).
+    return out.lerp_(o_s, torch.sigmoid(lse_s.reshape(b, h, m) - lse)[..., None])
+
+
+def blocked_local_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    q_start: int,
+    n_sink: int,
+    tail_start: int,
+    window: int,
+    sinks: int = 0,
+    key_valid: torch.Tensor | None = None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    block: int | None = None,
+) -> torch.Tensor:
+    """Causal sliding-window attention with sinks over keys laid out ``[sinks][contiguous tail]``.
+
+    Args:
+        query: ``(b, H, q, d)`` at positions ``q_start .. q_start + q - 1``.
+        key, value: ``(b, H_kv, n_sink + L, d)``: the first ``n_sink`` keys are at positions ``0..n_sink-1`` (kept
+            sinks of an evicting cache), the rest at ``tail_start .. tail_start + L - 1`` (ending at the last query).
+        window: key ``j`` visible from query ``i`` when ``i - window < j <= i``.
+        sinks: and when ``j < sinks``.
+        key_valid: ``(b, n_sink + L)`` bool, False for padding.
+        block: queries per block (default :func:`default_block`).
+
+    Returns:
+        ``(b, q, H, d)``.
+    """
+    b, h, q_len, d = query.shape
+    blk = block or default_block(window)
+    # Interior: every key of the window present (tail_start + window - 1 <= position) and every sink outside it.
+    n_sinks_seen = n_sink if n_sink else (min(sinks, key.shape[2]) if tail_start == 0 else 0)
+    first = max(tail_start + window - 1, window + n_sinks_seen - 1 if n_sinks_seen else 0)
+    s0 = max(0, first - q_start)
+    sinks_need_merge = n_sinks_seen > 0
+    fast = (
+        q_len - s0 >= blk
+        and dropout == 0.0
+        and (key_valid is None or bool(key_valid.all()))
+        and (not sinks_need_merge or _lse_op_usable(query))
+    )
+    if not fast:
+        return _blocked_general(query, key, value, q_start=q_start, n_sink=n_sink, tail_start=tail_start,
+                                window=window, sinks=sinks, key_valid=key_valid, scaling=scaling, dropout=dropout,
+                                block=block)
+    # Built as (b, H, q, d) (SDPA's own layout, so the interior's output lands with one contiguous copy) and
+    # returned as the (b, q, H, d) view the attention contract asks for.
+    out = query.new_empty(b, h, q_len, d)
+    tail_k, tail_v = key[:, :, n_sink:], value[:, :, n_sink:]
+    if s0 and q_start == tail_start and not n_sink:
+        # Fresh prefill: every query before the interior sees all keys up to itself (its window and the sinks cover
+        # them), which is plain causal attention.
+        hk, hv, gqa = grouped_kv(key[:, :, :s0], value[:, :, :s0], h)
+        out[:, :, :s0] = torch.nn.functional.scaled_dot_product_attention(
+            query[:, :, :s0], hk, hv, is_causal=True, scale=scaling, **gqa)
+    elif s0:  # the general path on the queries before the interior, keys up to their last one
+        keep = n_sink + (q_start + s0 - tail_start)
+        valid = key_valid[:, :keep] if key_valid is not None else None
+        out[:, :, :s0] = _blocked_general(
+            query[:, :, :s0], key[:, :, :keep], value[:, :, :keep], q_start=q_start, n_sink=n_sink,
+            tail_start=tail_start, window=window, sinks=sinks, key_valid=valid, scaling=scaling, block=block,
+        ).transpose(1, 2)
+    k0 = q_start + s0 - (window - 1) - tail_start  # index in the tail of the first interior query's first key
+    qi = query[:, :, s0:]
+    lse = _interior_band(qi, tail_k[:, :, k0:], tail_v[:, :, k0:], out[:, :, s0:], window=window, block=blk,
+                         scaling=scaling)
+    if sinks_need_merge:
+        sk = key[:, :, :n_sink] if n_sink else tail_k[:, :, :n_sinks_seen]
+        sv = value[:, :, :n_sink] if n_sink else tail_v[:, :, :n_sinks_seen]
+        _merge_sinks(out[:, :, s0:], lse, qi, sk, sv, scaling)
+    return out.transpose(1, 2)

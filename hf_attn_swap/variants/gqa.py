@@ -22,10 +22,10 @@ from ..convert.pooling import STRATEGIES, convert_projections, rotary_dims_of
 from ..convert.projections import build_new_modules, commit, find_attention, read_projections
 from ..reference import causal_bool_mask, reference_attention
 from ..registry import register_variant
+from ._common import grouped_kv
 
 logger = logging.getLogger(__name__)
 
-_SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
 #: fold the group into the query length while G*q stays small (decode and short chunks).
 FOLD_MAX_QUERY = 16
 
@@ -140,13 +140,7 @@ def grouped_attention(
         out = F.scaled_dot_product_attention(q_f, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling, is_causal=False)
         out = out.reshape(b, h, q_len, d)
     else:
-        kw = {}
-        if group > 1:
-            if _SDPA_HAS_GQA:
-                kw["enable_gqa"] = True
-            else:  # torch < 2.5: no grouped SDPA; repeating is the only option
-                key = key.repeat_interleave(group, dim=1)
-                value = value.repeat_interleave(group, dim=1)
+        key, value, kw = grouped_kv(key, value, h)
         out = F.scaled_dot_product_attention(
             query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling, is_causal=causal_flag, **kw
         )

@@ -24,7 +24,9 @@ import torch.nn.functional as F
 from ..configs import VariantConfig
 from ..reference import bigbird_random_blocks, reference_sparse_attention
 from ..registry import default_mask, register_variant
-from ._common import add_cache_hooks, attention_sites_of, in_reference_mode, remove_cache_hooks, swap_config
+from ._common import (
+    add_cache_hooks, attention_sites_of, grouped_kv, in_reference_mode, remove_cache_hooks, swap_config,
+)
 from .cache_layers import KVWindowLayer
 from .gqa import FOLD_MAX_QUERY, grouped_attention
 from .sliding_window import check_no_softcap, key_layout
@@ -146,7 +148,7 @@ def block_sparse_attention(
         mask = (mask[None] & kvalid).reshape(b * nb, 1, bs, kmax * bs)
     else:
         mask = mask[:, None].repeat(b, 1, 1, 1) if b > 1 else mask[:, None]
-    kw = {"enable_gqa": True} if h_kv != h else {}
+    kg, vg, kw = grouped_kv(kg, vg, h)
     out = F.scaled_dot_product_attention(qpad, kg, vg, attn_mask=mask, dropout_p=dropout, scale=scaling, **kw)
     out = out.reshape(b, nb, h, bs, d).permute(0, 1, 3, 2, 4).reshape(b, nb * bs, h, d)[:, :n]
     if not causal and cfg.global_tokens:
