@@ -231,6 +231,55 @@ def reference_linear_attention(
     return out.transpose(1, 2).to(value.dtype)
 
 
+def reference_hybrid_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    query_features: torch.Tensor,
+    key_features: torch.Tensor,
+    *,
+    window: int,
+    log_gamma: torch.Tensor,
+    key_valid: torch.Tensor | None = None,
+    q_positions: torch.Tensor | None = None,
+    k_positions: torch.Tensor | None = None,
+    scaling: float | None = None,
+) -> torch.Tensor:
+    """Linear attention with an exact softmax window in the same layer (LoLCATs), dense, fp32.
+
+    ``out_i = (sum_{i-w<j<=i} g_h e^{s q_i.k_j} v_j + sum_{j<=i-w} phi(q_i).phi(k_j) v_j) / (the same sums without
+    v_j)``: every visible key gets a weight, ``g_h e^{s q.k}`` inside the window and ``phi(q).phi(k)`` before it,
+    and the output is their weighted mean. Written as a softmax over log-weights so that it cannot overflow.
+
+    Args:
+        query, key, value: ``(b, H, q, d)``, ``(b, H_kv, kv, d)``.
+        query_features, key_features: ``phi(Q)`` ``(b, H, q, m)``, ``phi(K)`` ``(b, H_kv, kv, m)``.
+        window: softmax window (visible tokens including the current one).
+        log_gamma: ``(H,)`` log of the softmax part's weight per head.
+        key_valid: ``(b, kv)`` bool, False for padding keys (a padded query still sees its own key).
+
+    Returns:
+        ``(b, q, H, d)``.
+    """
+    b, h, q_len, d = query.shape
+    kv_len = key.shape[2]
+    qp, kp = _default_positions(q_len, kv_len, q_positions, k_positions, query.device)
+    scale = d**-0.5 if scaling is None else scaling
+    k, v = expand_kv(key.float(), h), expand_kv(value.float(), h)
+    soft = torch.einsum("bhqd,bhkd->bhqk", query.float(), k) * scale + log_gamma.float()[None, :, None, None]
+    prod = torch.einsum("bhqm,bhkm->bhqk", query_features.float(), expand_kv(key_features.float(), h))
+    pos = prod > 0  # log(0) only through where(): its gradient would be NaN
+    lin = torch.where(pos, torch.where(pos, prod, torch.ones_like(prod)).log(), torch.full_like(prod, float("-inf")))
+    diff = qp[:, None] - kp[None, :]
+    in_window = ((diff >= 0) & (diff < window))[None, None]
+    older = (diff >= window)[None, None]
+    logw = torch.where(in_window, soft, torch.where(older, lin, torch.full_like(lin, float("-inf"))))
+    if key_valid is not None:  # a padded query keeps its own key: no empty row, no NaN reaching later layers
+        logw = logw.masked_fill(~(key_valid[:, None, None, :] | (diff == 0)[None, None]), float("-inf"))
+    out = torch.einsum("bhqk,bhkd->bhqd", torch.softmax(logw, dim=-1), v)
+    return out.transpose(1, 2).to(query.dtype)
+
+
 def bigbird_random_blocks(query_block: int, num_key_blocks: int, random_blocks: int, seed: int, causal: bool) -> list[int]:
     """The random key blocks of one query block: ``random_blocks`` distinct blocks drawn with a generator seeded by
     ``(seed, query_block)``, among the earlier blocks (causal) or all ``num_key_blocks`` blocks (bidirectional).

@@ -5,6 +5,8 @@ The oracle is the same model with every variant computing through hf_attn_swap.r
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from transformers import (
@@ -166,6 +168,84 @@ def test_linear_decode_keeps_constant_memory():
     sizes = {l.nbytes() for l in out.past_key_values.layers}
     assert all(isinstance(l, LinearStateLayer) for l in out.past_key_values.layers)
     assert sizes == {2 * 2 * 16 * 16 * 4 + 2 * 2 * 16 * 4}  # S + z per KV head (fp32); no K/V, nothing grows
+
+
+# ------------------------------------------------------------------ linear + softmax window (LoLCATs hybrid)
+
+HYBRID = {"feature_map": "hedgehog", "num_features": 8, "window": 5, "chunk_size": 4}
+
+
+def _hybrid(arch, **over):
+    from hf_attn_swap.variants.linear import feature_maps
+
+    model = make(arch)
+    swap_attention(model, "linear", **{**HYBRID, **over})
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # away from the initial weight 1, so that both parts of every row count
+        for fm in feature_maps(model).values():
+            fm.log_gamma.copy_(torch.randn(fm.log_gamma.shape, generator=g))
+    return model
+
+
+@pytest.mark.parametrize("arch", DECODERS)
+def test_hybrid_prefill_decode_and_generate_match_reference(arch):
+    model = _hybrid(arch)
+    ids, am = _ids()
+    keep = am.bool()
+    with torch.no_grad():
+        fast = _logits(model, ids, am, use_cache=False)
+        with reference_mode():
+            ref = _logits(model, ids, am, use_cache=False)
+        assert torch.allclose(fast[keep], ref[keep], atol=TOL), (fast - ref)[keep].abs().max()
+        out = model(input_ids=ids[:, :10], attention_mask=am[:, :10], use_cache=True)
+        cache, steps = out.past_key_values, [out.logits]
+        for t in range(10, ids.shape[1]):
+            o = model(input_ids=ids[:, t : t + 1], attention_mask=am[:, : t + 1], past_key_values=cache, use_cache=True)
+            steps.append(o.logits)
+        dec = torch.cat(steps, 1)
+        assert torch.allclose(dec[keep], fast[keep], atol=TOL), (dec - fast)[keep].abs().max()
+        gen = _generate(model, ids[:, :8], am[:, :8], 4 * HYBRID["window"])
+    _check_generate_against_reference(model, gen, am[:, :8])
+    for layer in gen.past_key_values.layers:  # bounded: window - 1 keys plus the state, however long it ran
+        assert type(layer).__name__ == "HybridStateLayer"
+        assert layer.keys.shape[2] == HYBRID["window"] - 1 and layer.state_s is not None
+
+
+def test_hybrid_both_parts_matter_and_window_covering_everything_is_softmax():
+    base = make("llama")
+    ids, am = _ids(n=20)
+    keep = am.bool()
+    with torch.no_grad():
+        want = _logits(base, ids, am)
+        wide = _hybrid("llama", window=64)  # no key is ever older than the window: plain softmax attention
+        assert torch.allclose(_logits(wide, ids, am)[keep], want[keep], atol=TOL)
+        narrow = _hybrid("llama")
+        a = _logits(narrow, ids, am)
+        assert not torch.allclose(a[keep], want[keep], atol=1e-2)
+        from hf_attn_swap.variants.linear import feature_maps
+
+        for fm in feature_maps(narrow).values():
+            fm.log_gamma.sub_(3.0)  # the linear part's share of each row grows
+        assert not torch.allclose(_logits(narrow, ids, am)[keep], a[keep], atol=1e-3)
+
+
+def test_hybrid_gradients_match_reference():
+    from hf_attn_swap.variants.linear import feature_map_parameters
+
+    model = _hybrid("qwen2")
+    ids, am = _ids(n=18)
+    keep = am.bool()
+    params = feature_map_parameters(model) + [model.model.layers[0].self_attn.q_proj.weight]
+    grads = []
+    for ref in (False, True):
+        model.zero_grad()
+        with reference_mode() if ref else contextlib.nullcontext():
+            _logits(model, ids, am)[keep].pow(2).mean().backward()
+        grads.append([p.grad.clone() for p in params])
+    names = {id(p) for p in feature_map_parameters(model)}
+    assert any(p.grad.abs().sum() > 0 for p in params if id(p) in names)
+    for a, r in zip(*grads):
+        assert torch.allclose(a, r, atol=1e-5, rtol=1e-4), (a - r).abs().max()
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
@@ -360,6 +440,8 @@ def _unchanged(model, snap):
         ("linear", {"feature_map": "softmax"}, "unknown feature map 'softmax'; allowed: elu, relu, performer"),
         ("linear", {"kernel": "triton"}, "unknown kernel 'triton'; allowed: auto, torch, fla"),
         ("linear", {"chunk_size": 0}, "chunk_size must be an integer >= 1"),
+        ("linear", {"window": -1}, "window must be an integer >= 0"),
+        ("linear", {"window": 8, "kernel": "fla"}, "kernel='fla' has no softmax-window hybrid; allowed with window"),
         ("flash", {"backend": "xformers"}, "unknown flash backend 'xformers'; allowed: auto, flash_attn"),
         ("sparse", {"window": 0}, "window must be an integer >= 1"),
         ("sparse", {"block_size": 4096}, "sparse blocks do not fit the model's context of"),

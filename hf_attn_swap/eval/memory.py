@@ -165,7 +165,8 @@ def analytic_kv_bytes(
     Per layer: ``2 * batch * kv_heads * tokens * head_dim * dtype_bytes`` where ``tokens`` is ``n`` for full
     attention (baseline, gqa/mqa, flash, sparse), ``min(n, sinks + window - 1)`` for ``sliding_window`` (and for
     transformers' own sliding-window cache layers, ``min(n, window - 1)``); a ``linear`` layer holds its recurrent
-    state ``batch * kv_heads * (m * head_dim + m)`` fp32 values (``m`` = feature size) whatever ``n``.
+    state ``batch * kv_heads * (m * head_dim + m)`` fp32 values (``m`` = feature size) whatever ``n``, plus, with a
+    softmax ``window``, K/V of ``min(n, window - 1)`` tokens.
 
     Args:
         model: a model :mod:`hf_attn_swap` supports (uses :func:`hf_attn_swap.attention_sites`).
@@ -188,7 +189,11 @@ def analytic_kv_bytes(
         name = swap.variant if swap is not None else None
         opts = swap.config.to_dict() if swap is not None else {}
         if name == "linear":
-            per_layer.append(_linear_state_bytes(site, batch))
+            state = _linear_state_bytes(site, batch)
+            w = int(opts.get("window") or 0)
+            if state is not None and w:  # hybrid: plus the last window - 1 keys/values (cache_layers.HybridStateLayer)
+                state += 2 * batch * site.num_kv_heads * min(n, w - 1) * site.head_dim * nbytes
+            per_layer.append(state)
             continue
         rule = KV_TOKENS_BY_VARIANT.get(name)
         if rule is None:

@@ -173,3 +173,24 @@ class LinearStateLayer(SwapCacheLayer):
             self.lazy_initialization(key_states, value_states)
         self.cumulative_length += key_states.shape[-2]
         return key_states, value_states
+
+
+class HybridStateLayer(KVWindowLayer):
+    """Linear attention with an exact softmax window (``linear`` with ``window``): the last ``window - 1`` keys/values
+    (as :class:`KVWindowLayer`, no sinks) plus the recurrent state of every older key, ``S = sum phi(k) v^T`` and
+    ``z = sum phi(k)`` over positions ``< state_upto``. The attention function folds the keys that leave the window
+    into the state (it owns the feature map); memory stays ``window - 1`` tokens plus the state."""
+
+    _layer_type = "hf_attn_swap_hybrid"
+
+    def __init__(self, window: int | None = None, **kwargs: Any) -> None:
+        super().__init__(window=window, sinks=0)
+        self.state_s: torch.Tensor | None = None
+        self.state_z: torch.Tensor | None = None
+        self.state_upto = 0
+
+    def _init_kwargs(self) -> dict:
+        return {"window": self.window}
+
+    def _tensor_names(self) -> list[str]:
+        return ["keys", "values", "valid", "positions", "state_s", "state_z"]

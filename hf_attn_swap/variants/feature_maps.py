@@ -61,9 +61,11 @@ class FeatureMap(nn.Module):
         num_heads, num_kv_heads, head_dim: the layer's shapes.
         num_features: random/learned features ``m`` for performer and hedgehog (hedgehog outputs ``2m``).
         seed: seed of the random features.
+        window_mix: also hold ``log_gamma`` ``(H,)``, the hybrid's per-head weight of its softmax window.
     """
 
-    def __init__(self, name: str, num_heads: int, num_kv_heads: int, head_dim: int, num_features: int, seed: int):
+    def __init__(self, name: str, num_heads: int, num_kv_heads: int, head_dim: int, num_features: int, seed: int,
+                 window_mix: bool = False):
         super().__init__()
         self.name = canonical_feature_map(name)
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
@@ -77,6 +79,8 @@ class FeatureMap(nn.Module):
             self.k_bias = nn.Parameter(torch.zeros(num_kv_heads, num_features))
             self.q_weight = nn.Parameter(w.repeat_interleave(self.group, dim=0).clone())
             self.q_bias = nn.Parameter(torch.zeros(num_heads, num_features))
+        if window_mix:  # hybrid (linear + softmax window): log of the window part's weight per head, learned
+            self.log_gamma = nn.Parameter(torch.zeros(num_heads))
 
     def _draw(self, seed: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(int(seed))

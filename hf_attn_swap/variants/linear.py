@@ -35,7 +35,7 @@ from ._common import (
     require_causal,
     swap_config,
 )
-from .cache_layers import LinearStateLayer
+from .cache_layers import HybridStateLayer, LinearStateLayer
 from .feature_maps import FEATURE_MAPS, FeatureMap, canonical_feature_map
 from .sliding_window import check_no_softcap
 
@@ -63,6 +63,9 @@ class LinearConfig(VariantConfig):
         seed: seed of the random features (layer ``i`` uses ``seed + i``).
         eps: added to the normaliser.
         kernel: ``auto`` (fla on CUDA when installed, else torch), ``torch`` or ``fla`` (needs fla and CUDA).
+        window: 0 = linear attention alone; ``W > 0`` = LoLCATs hybrid: the last ``W`` tokens (the current one
+            included) get exact softmax attention, older ones linear attention, in the same layer
+            (:mod:`.hybrid`); decode then keeps ``W - 1`` keys/values plus the state.
     """
 
     feature_map: str = "elu"
@@ -71,10 +74,11 @@ class LinearConfig(VariantConfig):
     seed: int = 0
     eps: float = 1e-6
     kernel: str = "auto"
+    window: int = 0
 
     def __post_init__(self) -> None:
         self.feature_map = canonical_feature_map(self.feature_map)
-        for name, lo in (("num_features", 0), ("chunk_size", 1), ("seed", 0)):
+        for name, lo in (("num_features", 0), ("chunk_size", 1), ("seed", 0), ("window", 0)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
@@ -83,6 +87,9 @@ class LinearConfig(VariantConfig):
         self.eps = float(self.eps)
         if self.kernel not in KERNELS:
             raise ValueError(f"unknown kernel {self.kernel!r}; allowed: {', '.join(KERNELS)}")
+        if self.window and self.kernel == "fla":
+            raise ValueError("kernel='fla' has no softmax-window hybrid; allowed with window > 0: kernel='auto' or "
+                             "'torch'")
 
     def check_model(self, model: Any, layers: list[int]) -> None:
         require_causal(model, "linear")
@@ -96,8 +103,8 @@ class LinearConfig(VariantConfig):
                 raise ValueError(f"kernel='fla' needs the model on a CUDA device (it is on {dev}); allowed here: "
                                  "kernel='auto' or 'torch'")
 
-    def make_cache_layer(self) -> LinearStateLayer:
-        return LinearStateLayer()
+    def make_cache_layer(self) -> LinearStateLayer | HybridStateLayer:
+        return HybridStateLayer(window=self.window) if self.window else LinearStateLayer()
 
 
 def chunked_linear_attention(
@@ -119,6 +126,21 @@ def chunked_linear_attention(
     Returns:
         ``out (b, q, H, d)`` fp32, the new ``state_s`` and ``state_z``.
     """
+    num, den, s, z = chunked_linear_terms(q_feat, k_feat, value, state_s, state_z, chunk_size=chunk_size)
+    return num / (den + eps), s, z
+
+
+def chunked_linear_terms(
+    q_feat: torch.Tensor,
+    k_feat: torch.Tensor,
+    value: torch.Tensor,
+    state_s: torch.Tensor | None = None,
+    state_z: torch.Tensor | None = None,
+    *,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Numerator ``(b, q, H, d)`` and normaliser ``(b, q, H, 1)`` of causal linear attention, unnormalised (the
+    hybrid weighs them against its softmax window), and the new state. Arguments as :func:`chunked_linear_attention`."""
     b, h, n, m = q_feat.shape
     h_kv, dv = k_feat.shape[1], value.shape[-1]
     g = h // h_kv
@@ -127,20 +149,20 @@ def chunked_linear_attention(
     vf = value.float().unsqueeze(2)
     s = state_s.float().unsqueeze(2) if state_s is not None else qf.new_zeros(b, h_kv, 1, m, dv)
     z = state_z.float().unsqueeze(2).unsqueeze(-1) if state_z is not None else qf.new_zeros(b, h_kv, 1, m, 1)
-    outs = []
+    nums, dens = [], []
     for c0 in range(0, n, chunk_size):
         c1 = min(n, c0 + chunk_size)
         qc, kc, vc = qf[..., c0:c1, :], kf[..., c0:c1, :], vf[..., c0:c1, :]
         a = qc @ kc.transpose(-1, -2)
         if c1 - c0 > 1:
             a = a.tril()
-        num = a @ vc + qc @ s
-        den = a.sum(-1, keepdim=True) + qc @ z
-        outs.append(num / (den + eps))
+        nums.append(a @ vc + qc @ s)
+        dens.append(a.sum(-1, keepdim=True) + qc @ z)
         s = s + kc.transpose(-1, -2) @ vc
         z = z + kc.sum(-2).unsqueeze(-1)
-    out = torch.cat(outs, dim=-2).reshape(b, h, n, dv).transpose(1, 2)
-    return out, s.squeeze(2), z.squeeze(-1).squeeze(2)
+    num = torch.cat(nums, dim=-2).reshape(b, h, n, dv).transpose(1, 2)
+    den = torch.cat(dens, dim=-2).reshape(b, h, n, 1).transpose(1, 2)
+    return num, den, s.squeeze(2), z.squeeze(-1).squeeze(2)
 
 
 def _fla_linear_attention(q_feat, k_feat, value, state_s, state_z, eps):  # pragma: no cover - needs CUDA + fla
@@ -185,6 +207,12 @@ def linear_attention(
     """Causal linear attention (chunked prefill, recurrent decode through the cache). Returns ``(b, q, H, d)``."""
     cfg = swap_config(module, LinearConfig)
     fmap: FeatureMap = getattr(module, FEATURE_MAP_ATTR)
+    if cfg.window:
+        from .hybrid import hybrid_attention
+
+        out = hybrid_attention(module, query, key, value, attention_mask, fmap=fmap, window=cfg.window,
+                               chunk_size=cfg.chunk_size, scaling=scaling)
+        return out, None
     b, h, q_len, _ = query.shape
     kv = key.shape[2]
     valid = new_token_validity(attention_mask, b, q_len, query.device)
@@ -232,7 +260,7 @@ def _prepare(model: nn.Module, config: LinearConfig, layers: list[int]) -> None:
         ref = next(site.module.parameters())
         fmap = FeatureMap(
             config.feature_map, site.num_heads, site.num_kv_heads, site.head_dim,
-            config.num_features or site.head_dim, config.seed + i,
+            config.num_features or site.head_dim, config.seed + i, window_mix=config.window > 0,
         ).to(device=ref.device, dtype=ref.dtype if ref.dtype.is_floating_point else torch.float32)
         setattr(site.module, FEATURE_MAP_ATTR, fmap)
         add_cache_hooks(site.module)
