@@ -135,18 +135,22 @@ def test_plain_directory_without_sidecar_loads(tmp_path):
     assert torch.equal(output(loaded, IDS), output(model, IDS))
 
 
-def test_hedgehog_round_trip_and_missing_state_is_refused(tmp_path):
+@pytest.mark.parametrize("window", [0, 4], ids=["hedgehog", "hybrid"])
+def test_hedgehog_round_trip_and_missing_state_is_refused(tmp_path, window):
     from safetensors.torch import load_file, save_file
 
     model = tiny("llama")
-    swap_attention(model, "linear", feature_map="hedgehog")
+    swap_attention(model, "linear", feature_map="hedgehog", window=window)
     with torch.no_grad():  # pretend attention transfer trained the maps
         for name, p in model.named_parameters():
             if "feature_map" in name:
                 p.add_(0.01 * torch.randn_like(p))
     ref = output(model, IDS)
     save_swapped(model, tmp_path / "ckpt")
-    torch.testing.assert_close(output(load_swapped(tmp_path / "ckpt"), IDS), ref, atol=0, rtol=0)
+    loaded = load_swapped(tmp_path / "ckpt")
+    torch.testing.assert_close(output(loaded, IDS), ref, atol=0, rtol=0)
+    if window:  # the learned mix travels with the maps
+        assert any(k.endswith("log_gamma") for k in loaded.state_dict())
     f = tmp_path / "ckpt" / "model.safetensors"
     save_file({k: v for k, v in load_file(str(f)).items() if "feature_map" not in k}, str(f))
     with pytest.raises(ValueError, match="no trained hedgehog feature-map state"):

@@ -156,3 +156,14 @@ def test_round_robin_speed_survives_a_failing_model(mha):
     for name in ("a", "b"):
         assert res[name]["prefill"][0]["n"] == 2 and res[name]["decode"][0]["n"] == 3
     assert res["b"]["decode"][0]["kv_bytes"] == res["a"]["decode"][0]["kv_bytes"] // 8  # 8 -> 1 KV heads
+
+
+def test_hybrid_cache_is_window_plus_state(mha):
+    """linear with a softmax window: K/V of window - 1 tokens plus the recurrent state, constant past the window."""
+    hy = swap_attention(copy.deepcopy(mha), "linear", feature_map="hedgehog", num_features=8, window=12)
+    a, b = kv_bytes_report(hy, 30, batch=2), kv_bytes_report(hy, 90, batch=2)
+    state = 3 * 2 * 8 * (16 * 8 + 16) * 4  # layers * b * H_kv * (m*d + m) fp32, m = 2 * num_features
+    kv = 3 * 2 * 2 * 8 * 11 * 8 * 4  # layers * (K,V) * b * H_kv * (window - 1) * d * fp32
+    assert a["kv_bytes_analytic"] == b["kv_bytes_analytic"] == state + kv
+    assert a["kv_bytes_kv_only"] == b["kv_bytes_kv_only"] == kv
+    assert a["kv_bytes"] == b["kv_bytes"] >= state + kv  # plus positions / validity bookkeeping

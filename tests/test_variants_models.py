@@ -73,6 +73,16 @@ def _logits(model, ids, am=None, **kw):
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
 
+def _prefill_then_decode(model, ids, am, split):
+    """Logits of a prefill of ``split`` tokens, then one token at a time through the cache."""
+    out = model(input_ids=ids[:, :split], attention_mask=am[:, :split], use_cache=True)
+    cache, steps = out.past_key_values, [out.logits]
+    for t in range(split, ids.shape[1]):
+        o = model(input_ids=ids[:, t : t + 1], attention_mask=am[:, : t + 1], past_key_values=cache, use_cache=True)
+        steps.append(o.logits)
+    return torch.cat(steps, 1)
+
+
 @pytest.mark.parametrize("arch", DECODERS)
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_prefill_matches_reference_and_decode(arch, variant):
@@ -86,12 +96,7 @@ def test_prefill_matches_reference_and_decode(arch, variant):
             ref = _logits(model, ids, am, use_cache=False)
         assert torch.allclose(fast[keep], ref[keep], atol=TOL), (fast - ref)[keep].abs().max()
         # Prefill 10 tokens, then one token at a time through the cache: same logits as one prefill.
-        out = model(input_ids=ids[:, :10], attention_mask=am[:, :10], use_cache=True)
-        cache, steps = out.past_key_values, [out.logits]
-        for t in range(10, ids.shape[1]):
-            o = model(input_ids=ids[:, t : t + 1], attention_mask=am[:, : t + 1], past_key_values=cache, use_cache=True)
-            steps.append(o.logits)
-        dec = torch.cat(steps, 1)
+        dec = _prefill_then_decode(model, ids, am, 10)
         assert torch.allclose(dec[keep], fast[keep], atol=TOL), (dec - fast)[keep].abs().max()
 
 
@@ -197,12 +202,7 @@ def test_hybrid_prefill_decode_and_generate_match_reference(arch):
         with reference_mode():
             ref = _logits(model, ids, am, use_cache=False)
         assert torch.allclose(fast[keep], ref[keep], atol=TOL), (fast - ref)[keep].abs().max()
-        out = model(input_ids=ids[:, :10], attention_mask=am[:, :10], use_cache=True)
-        cache, steps = out.past_key_values, [out.logits]
-        for t in range(10, ids.shape[1]):
-            o = model(input_ids=ids[:, t : t + 1], attention_mask=am[:, : t + 1], past_key_values=cache, use_cache=True)
-            steps.append(o.logits)
-        dec = torch.cat(steps, 1)
+        dec = _prefill_then_decode(model, ids, am, 10)
         assert torch.allclose(dec[keep], fast[keep], atol=TOL), (dec - fast)[keep].abs().max()
         gen = _generate(model, ids[:, :8], am[:, :8], 4 * HYBRID["window"])
     _check_generate_against_reference(model, gen, am[:, :8])

@@ -8,6 +8,8 @@ and no scaling (Katharopoulos et al. 2020; ``elu`` is exactly ``elu(x) + 1``). F
 * Decode: the recurrent state ``(S, z)`` lives in the transformers cache (:class:`.cache_layers.LinearStateLayer`):
   constant memory in the context length, no K/V kept. Prefill hands its final state to decode.
 * GQA: the state is per KV head and the group of query heads reads it through broadcasting; nothing is repeated.
+* ``window=W``: the LoLCATs hybrid, exact softmax over the last ``W`` tokens plus this linear attention over the
+  older ones, in the same layer (:mod:`.hybrid`).
 * ``kernel="fla"`` (or ``"auto"`` with flash-linear-attention installed and CUDA tensors) runs fla's chunked kernel,
   held to the same reference; unverified here (no GPU was available when this was written).
 """
