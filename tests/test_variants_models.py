@@ -537,3 +537,18 @@ def test_fla_linear_on_cuda_matches_torch_path():  # pragma: no cover - GPU only
     ids = torch.randint(1, V, (2, 128), device="cuda")
     with torch.no_grad():
         assert torch.allclose(_logits(a, ids), _logits(b, ids), atol=1e-3)  # fla may use tf32
+
+
+def test_hybrid_beam_search_cache_equals_no_cache():
+    """Beam search reorders and repeats every per-batch tensor of the cache, the recurrent state included: with the
+    cache it must pick the same beams, with the same scores, as recomputing every step from scratch."""
+    model = _hybrid("llama")
+    ids, am = _ids(b=2, n=9)
+    kw = dict(input_ids=ids, attention_mask=am, max_new_tokens=12, num_beams=3, do_sample=False, pad_token_id=0,
+              return_dict_in_generate=True, output_scores=True)
+    with torch.no_grad():
+        cached = model.generate(use_cache=True, **kw)
+        fresh = model.generate(use_cache=False, **kw)
+    assert type(cached.past_key_values.layers[0]).__name__ == "HybridStateLayer"
+    assert torch.equal(cached.sequences, fresh.sequences)
+    assert torch.allclose(cached.sequences_scores, fresh.sequences_scores, atol=TOL)

@@ -192,5 +192,5 @@ class HybridStateLayer(KVWindowLayer):
     def _init_kwargs(self) -> dict:
         return {"window": self.window}
 
-    def _tensor_names(self) -> list[str]:
-        return ["keys", "values", "valid", "positions", "state_s", "state_z"]
+    def _tensor_names(self) -> list[str]:  # per-batch tensors (positions are shared by the batch: not here)
+        return ["keys", "values", "valid", "state_s", "state_z"]
