@@ -218,14 +218,16 @@ def test_ratios_flag_noise_instead_of_reporting_it():
                 "prefill": [{"length": 512, "batch": 1, "median_ms": ms, "q1_ms": ms - iqr, "q3_ms": ms + iqr}],
                 "decode": [{"context": 1024, "batch": 4, "median_ms": tps_ms, "q1_ms": tps_ms - iqr, "q3_ms": tps_ms + iqr,
                             "tokens_per_s": 4000 / tps_ms}]}
-    records = [rec("baseline", 100, 5, 50), rec("flash", 98, 5, 49), rec("gqa", 60, 2, 20, {"groups": 3})]
+    records = [rec("baseline", 100, 5, 50), rec("flash", 98, 5, 49), rec("gqa", 60, 2, 20, {"groups": 3}),
+               rec("linear", 130, 2, 70, {"window": 64})]
     annotate(records, cfg)
-    _, same, fast = records
+    _, same, fast, hybrid = records
     assert same["prefill_significant"] is False and same["decode_significant"] is False
     assert any("noise" in n for n in same["notes"]) and any("cannot be faster" in n for n in same["notes"])
     assert fast["prefill_significant"] is True and fast["prefill_speedup"] == pytest.approx(100 / 60)
     assert fast["decode_speedup"] == pytest.approx(2.5) and fast["decode_significant"] is True
     assert any("no K/V heads merged" in n for n in fast["notes"])
+    assert hybrid["decode_speedup"] < 1 and any("64-token window" in n for n in hybrid["notes"])
 
 
 def test_pareto_front():

@@ -39,6 +39,7 @@ DEFAULT_VARIANTS: list[str] = [
     "mqa:strategy=fit",
     "sliding_window:window=256",
     "linear",
+    "linear:feature_map=hedgehog,window=64",
     "flash",
 ]
 

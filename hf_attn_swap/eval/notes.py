@@ -91,7 +91,14 @@ def _linear_notes(rec: dict[str, Any], base: dict[str, Any], cfg: Any) -> list[s
             f"{rec.get('prefill_length')} tokens; its prefill gain (O(n) instead of O(n^2)) needs long contexts or a "
             "fused kernel"
         )
-    if rec.get("decode_significant") and (rec.get("decode_speedup") or 0) > 1:
+    window = (rec.get("options") or {}).get("window") or 0
+    if window and not (rec.get("decode_significant") and (rec.get("decode_speedup") or 0) > 1):
+        out.append(
+            f"decode: the hybrid runs, per token and layer, a softmax over its {window}-token window, both feature "
+            "maps and a state update; on CPU at these contexts that costs more than SDPA over the full cache (many "
+            "small ops per step); its gain here is KV memory, its speed gain needs contexts far beyond the window"
+        )
+    elif rec.get("decode_significant") and (rec.get("decode_speedup") or 0) > 1:
         out.append("decode: the gain comes from the constant-size recurrent state (no K/V read per step)")
     if rec.get("ppl_ratio") and rec["ppl_ratio"] > 2:
         out.append("no attention transfer / uptraining: a softmax model read through a linear feature map loses most "
