@@ -117,12 +117,15 @@ def hybrid_attention(
     else:
         s, z, upto = None, None, k0  # no state: nothing before the keys this call received
     q_feat = fmap(query, "q")
-    k_feat = fmap(key, "k") * valid[:, None, :, None]
     log_gamma = fmap.log_gamma
+
+    def k_feat_of(i0: int, i1: int) -> torch.Tensor:
+        # Features of keys i0..i1-1 only: in decode just the one key leaving the window needs them, not all W.
+        return fmap(key[:, :, i0:i1], "k") * valid[:, None, i0:i1, None]
 
     if in_reference_mode() and s is None:
         out = reference_hybrid_attention(
-            query, key, value, q_feat, k_feat, window=window, log_gamma=log_gamma, key_valid=valid,
+            query, key, value, q_feat, k_feat_of(0, key.shape[2]), window=window, log_gamma=log_gamma, key_valid=valid,
             q_positions=torch.arange(p0, total, device=query.device), k_positions=positions, scaling=scaling)
     else:
         out = None
@@ -130,20 +133,20 @@ def hybrid_attention(
     # Keys older than every query's window, not yet in the state: all queries read them, so they join the state.
     lo, hi = max(upto, k0) - k0, max(0, p0 - window + 1 - k0)
     if hi > lo:
-        s, z = _add_to_state(s, z, k_feat[:, :, lo:hi], value[:, :, lo:hi])
+        s, z = _add_to_state(s, z, k_feat_of(lo, hi), value[:, :, lo:hi])
         upto = k0 + hi
     # Query u (position p0 + u) also reads positions p0 - window + 1 .. p0 + u - window: a causal scan over slots
     # where slot t carries position p0 - window + t (slot 0's position is already in the state).
     first = max(upto, k0, p0 - window + 1)  # first position a slot may carry
     last = total - 1 - window  # the last query's newest older key
     if last >= first:
-        src = k_feat[:, :, first - k0 : last - k0 + 1]
+        src = k_feat_of(first - k0, last - k0 + 1)
         vsrc = value[:, :, first - k0 : last - k0 + 1]
         front = first - (p0 - window)
         slot_k = F.pad(src, (0, 0, front, q_len - front - src.shape[2]))
         slot_v = F.pad(vsrc, (0, 0, front, q_len - front - vsrc.shape[2]))
     else:
-        slot_k = k_feat.new_zeros(b, k_feat.shape[1], q_len, k_feat.shape[-1])
+        slot_k = q_feat.new_zeros(b, key.shape[1], q_len, q_feat.shape[-1])
         slot_v = value.new_zeros(b, value.shape[1], q_len, value.shape[-1])
     num, den, s_new, z_new = chunked_linear_terms(q_feat, slot_k, slot_v, s, z, chunk_size=chunk_size)
 
@@ -151,7 +154,7 @@ def hybrid_attention(
         # The cache keeps positions > total - window; the key at total - window leaves it now and joins the state.
         p_add = total - window
         if p_add >= max(upto, k0):
-            s_new, z_new = _add_to_state(s_new, z_new, k_feat[:, :, p_add - k0 : p_add - k0 + 1],
+            s_new, z_new = _add_to_state(s_new, z_new, k_feat_of(p_add - k0, p_add - k0 + 1),
                                          value[:, :, p_add - k0 : p_add - k0 + 1])
         cache.state_s, cache.state_z = s_new, z_new
         cache.state_upto = max(upto, total - window + 1, 0)
