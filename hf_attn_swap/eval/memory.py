@@ -33,7 +33,8 @@ class KVBytes:
 
     Attributes:
         total: logical bytes of all state tensors (``numel * element_size``).
-        kv_only: logical bytes of the ``keys``/``values`` tensors alone (what the analytic K/V formula counts).
+        kv_only: logical bytes of the ``keys``/``values`` tensors and any recurrent state (``state_s``/``state_z`` of
+            linear attention) alone: what the analytic formula counts, without bookkeeping such as validity masks.
         storage: bytes of the distinct storages behind them.
         per_layer: logical bytes per cache layer.
         layer_types: class name of every cache layer.
@@ -92,7 +93,9 @@ def measure_kv_bytes(cache: Any) -> KVBytes:
         if isinstance(layer, (list, tuple)):  # legacy (key, value) pair
             named = [("keys", layer[0]), ("values", layer[1])] if len(layer) == 2 else [("", layer)]
         else:
-            named = [("keys", getattr(layer, "keys", None)), ("values", getattr(layer, "values", None)), ("", layer)]
+            # Keys, values and a recurrent state are what the analytic formula counts; the rest is bookkeeping.
+            named = [(name, getattr(layer, name, None)) for name in ("keys", "values", "state_s", "state_z")]
+            named.append(("", layer))
         for label, t in ((lab, t) for lab, obj in named for t in _tensors(obj)):
             # dim < 2: bookkeeping (e.g. a sliding layer's int64 position counter), not cached state
             if id(t) in seen_here or t.numel() == 0 or t.dim() < 2:

@@ -95,8 +95,8 @@ def _linear_notes(rec: dict[str, Any], base: dict[str, Any], cfg: Any) -> list[s
     if window and not (rec.get("decode_significant") and (rec.get("decode_speedup") or 0) > 1):
         out.append(
             f"decode: the hybrid runs, per token and layer, a softmax over its {window}-token window, both feature "
-            "maps and a state update; on CPU at these contexts that costs more than SDPA over the full cache (many "
-            "small ops per step); its gain here is KV memory, its speed gain needs contexts far beyond the window"
+            "maps and a state update: on CPU at these contexts that is no cheaper than SDPA over the full cache (many "
+            "small ops per step); its gain here is KV memory, a speed gain needs contexts far beyond the window"
         )
     elif rec.get("decode_significant") and (rec.get("decode_speedup") or 0) > 1:
         out.append("decode: the gain comes from the constant-size recurrent state (no K/V read per step)")

@@ -30,6 +30,7 @@ from torch import nn
 from ..reference import reference_hybrid_attention
 from ._common import current_cache_layer, in_reference_mode
 from .cache_layers import HybridStateLayer
+from .linear import chunked_linear_terms  # linear imports this module only inside its attention function
 
 #: queries per block of the window part.
 BLOCK = 64
@@ -168,5 +169,3 @@ def hybrid_attention(
     a = torch.sigmoid(lse_w + log_gamma.float()[None, None, :, None] - den.log())
     return (a * o_w + (1 - a) * (num / den)).to(query.dtype)
 
-
-from .linear import chunked_linear_terms  # noqa: E402  (linear imports this module lazily; no cycle at load)
