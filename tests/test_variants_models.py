@@ -83,11 +83,9 @@ def _prefill_then_decode(model, ids, am, split):
     return torch.cat(steps, 1)
 
 
-@pytest.mark.parametrize("arch", DECODERS)
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_prefill_matches_reference_and_decode(arch, variant):
-    model = make(arch)
-    swap_attention(model, variant, **VARIANTS[variant])
+def _check_prefill_and_decode(model):
+    """A left-padded batch: prefill == reference, and prefill of 10 tokens then one token at a time through the
+    cache == one prefill. Returns the ids and mask used."""
     ids, am = _ids()
     keep = am.bool()
     with torch.no_grad():
@@ -95,9 +93,17 @@ def test_prefill_matches_reference_and_decode(arch, variant):
         with reference_mode():
             ref = _logits(model, ids, am, use_cache=False)
         assert torch.allclose(fast[keep], ref[keep], atol=TOL), (fast - ref)[keep].abs().max()
-        # Prefill 10 tokens, then one token at a time through the cache: same logits as one prefill.
         dec = _prefill_then_decode(model, ids, am, 10)
         assert torch.allclose(dec[keep], fast[keep], atol=TOL), (dec - fast)[keep].abs().max()
+    return ids, am
+
+
+@pytest.mark.parametrize("arch", DECODERS)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_prefill_matches_reference_and_decode(arch, variant):
+    model = make(arch)
+    swap_attention(model, variant, **VARIANTS[variant])
+    _check_prefill_and_decode(model)
 
 
 @pytest.mark.parametrize("arch", DECODERS)
@@ -195,15 +201,8 @@ def _hybrid(arch, **over):
 @pytest.mark.parametrize("arch", DECODERS)
 def test_hybrid_prefill_decode_and_generate_match_reference(arch):
     model = _hybrid(arch)
-    ids, am = _ids()
-    keep = am.bool()
+    ids, am = _check_prefill_and_decode(model)
     with torch.no_grad():
-        fast = _logits(model, ids, am, use_cache=False)
-        with reference_mode():
-            ref = _logits(model, ids, am, use_cache=False)
-        assert torch.allclose(fast[keep], ref[keep], atol=TOL), (fast - ref)[keep].abs().max()
-        dec = _prefill_then_decode(model, ids, am, 10)
-        assert torch.allclose(dec[keep], fast[keep], atol=TOL), (dec - fast)[keep].abs().max()
         gen = _generate(model, ids[:, :8], am[:, :8], 4 * HYBRID["window"])
     _check_generate_against_reference(model, gen, am[:, :8])
     for layer in gen.past_key_values.layers:  # bounded: window - 1 keys plus the state, however long it ran
