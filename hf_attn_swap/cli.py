@@ -11,6 +11,12 @@ import sys
 from . import commands
 
 
+def echo(text: str = "", end: str = "\n") -> None:
+    """The command line's output (results, paths, JSON summaries): the only place the package writes to stdout.
+    Commands call this; progress and diagnostics go through ``logging``."""
+    sys.stdout.write(text + end)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hf-attn-swap",
@@ -32,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (ValueError, TypeError) as err:  # bad input: one clear line, no traceback
-        print(f"hf-attn-swap {args.command}: error: {err}", file=sys.stderr)
+        sys.stderr.write(f"hf-attn-swap {args.command}: error: {err}\n")
         return 2
 
 

@@ -6,6 +6,8 @@ import argparse
 import json
 import time
 
+from ..cli import echo
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -64,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         ids = tokenize(tok, text, max_tokens=args.eval_tokens)
         before = perplexity(model, ids, context=args.context)
         report["ppl_before"] = round(before.token_ppl, 3)
-        print(f"perplexity before: {before.token_ppl:.2f} ({before.n_tokens} held-out tokens of {args.corpus})")
+        echo(f"perplexity before: {before.token_ppl:.2f} ({before.n_tokens} held-out tokens of {args.corpus})")
     reference = copy.deepcopy(model) if not causal else None
     t = time.perf_counter()
     swap_attention(model, name, layers=args.layers, calibration=calibration, **options)
@@ -74,20 +76,20 @@ def run(args: argparse.Namespace) -> int:
          else s["layers"]}
         for s in swap_record(model).to_dict()["steps"]
     ]
-    print(f"converted with {name} {options} in {report['convert_s']} s")
+    echo(f"converted with {name} {options} in {report['convert_s']} s")
     if causal and args.eval_tokens:
         after = perplexity(model, ids, context=args.context)
         report["ppl_after"] = round(after.token_ppl, 3)
-        print(f"perplexity after:  {after.token_ppl:.2f}")
+        echo(f"perplexity after:  {after.token_ppl:.2f}")
     elif not causal:
         from ..eval.embeddings import embedding_fidelity, sentence_embeddings, sentences_of
 
         held = sentences_of(load_text(args.corpus, split="validation"), limit=256)
         cos = embedding_fidelity(sentence_embeddings(reference, tok, held), sentence_embeddings(model, tok, held))
         report["embedding_cosine"] = round(cos, 4)
-        print(f"sentence-embedding cosine to the original: {cos:.4f} ({len(held)} held-out sentences)")
+        echo(f"sentence-embedding cosine to the original: {cos:.4f} ({len(held)} held-out sentences)")
     if args.out:
         save_swapped(model, args.out, tokenizer=tok)
-        print(f"saved to {args.out}")
-    print(json.dumps(report, indent=2))
+        echo(f"saved to {args.out}")
+    echo(json.dumps(report, indent=2))
     return 0

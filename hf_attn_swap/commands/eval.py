@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from ..cli import echo
+
 logger = logging.getLogger(__name__)
 
 #: command-line flag -> dotted config key
@@ -86,6 +88,6 @@ def run(args: argparse.Namespace) -> int:
     records = run_comparison(cfg)
     for r in records:
         if r.get("status") != "ok":
-            print(f"{r['variant']}: {r['status']}: {r.get('reason')}")
-    print(f"wrote {cfg.out}/results.json, results.csv, results.md, pareto.png ({len(records)} variants)")
+            echo(f"{r['variant']}: {r['status']}: {r.get('reason')}")
+    echo(f"wrote {cfg.out}/results.json, results.csv, results.md, pareto.png ({len(records)} variants)")
     return 0

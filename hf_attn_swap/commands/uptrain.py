@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..cli import echo
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -29,10 +31,10 @@ def run(args: argparse.Namespace) -> int:
     cfg = UptrainConfig.load(args.config) if args.config else UptrainConfig()
     cfg = cfg.override(list(args.overrides))
     if args.print_config:
-        print(cfg.to_yaml(), end="")
+        echo(cfg.to_yaml(), end="")
         return 0
     result = uptrain(cfg, resume=args.resume)
     summary = {k: result.to_dict()[k] for k in ("ppl_original", "ppl_converted", "ppl_uptrained", "recovery",
                                                   "tokens", "seconds", "output_dir")}
-    print(json.dumps(summary, indent=2))
+    echo(json.dumps(summary, indent=2))
     return 0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..cli import echo
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("variants", help="list the registered attention variants and their options")
@@ -16,5 +18,5 @@ def run(args: argparse.Namespace) -> int:
     for name in list_variants():
         spec = get_variant(name)
         opts = ", ".join(spec.config_cls.option_names()) or "-"
-        print(f"{name:16s} options: {opts}\n{'':16s} {spec.description}")
+        echo(f"{name:16s} options: {opts}\n{'':16s} {spec.description}")
     return 0
