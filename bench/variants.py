@@ -9,6 +9,7 @@ unless stated). Writes ``<out>.json`` and ``<out>.md``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import shlex
@@ -23,6 +24,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
+from hf_attn_swap.variants import band_cpu
 from hf_attn_swap.variants.blocked import blocked_local_attention
 from hf_attn_swap.variants.feature_maps import FeatureMap
 from hf_attn_swap.variants.gqa import grouped_attention
@@ -69,32 +71,36 @@ class _Mod(torch.nn.Module):
 
 
 def bench_sliding(repeats: int, n: int = 8192, window: int = 512, h: int = 4, d: int = 64) -> dict:
-    """Full causal SDPA vs blocked sliding window: MHA (``h`` heads) at blocks 64 / 128 and with 4 sinks, and
-    SmolLM2-135M's GQA shape (9 query heads over 3 KV heads, the group folded into the query rows)."""
+    """Full causal SDPA vs sliding window, at ``h`` heads (MHA) and at SmolLM2-135M's GQA shape (9 query heads over
+    3 KV heads): the band kernel (the default path, also with 4 sinks) and the SDPA blocks it replaces where it cannot
+    run (no C compiler, no AVX2, autograd)."""
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, h, n, d, generator=g) for _ in range(3))
     q9 = torch.randn(1, 9, n, d, generator=g)
     k3, v3 = torch.randn(1, 3, n, d, generator=g), torch.randn(1, 3, n, d, generator=g)
 
-    def blocked(q, k, v, block=64, sinks=0):
-        return blocked_local_attention(q, k, v, q_start=0, n_sink=0, tail_start=0, window=window, sinks=sinks,
-                                       block=block)
+    def window_attn(q, k, v, sinks=0, kernel=True):
+        with contextlib.nullcontext() if kernel else band_cpu.off():
+            return blocked_local_attention(q, k, v, q_start=0, n_sink=0, tail_start=0, window=window, sinks=sinks)
 
     fns = {
         "full_causal_sdpa_s": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
-        "blocked_b64_s": lambda: blocked(q, k, v),
-        "blocked_b128_s": lambda: blocked(q, k, v, block=128),
-        "blocked_b64_sinks4_s": lambda: blocked(q, k, v, sinks=4),
+        "kernel_s": lambda: window_attn(q, k, v),
+        "kernel_sinks4_s": lambda: window_attn(q, k, v, sinks=4),
+        "sdpa_blocks_s": lambda: window_attn(q, k, v, kernel=False),
         "gqa9x3_full_causal_sdpa_s": lambda: F.scaled_dot_product_attention(q9, k3, v3, is_causal=True,
                                                                             enable_gqa=True),
-        "gqa9x3_blocked_b64_s": lambda: blocked(q9, k3, v3),
+        "gqa9x3_kernel_s": lambda: window_attn(q9, k3, v3),
+        "gqa9x3_sdpa_blocks_s": lambda: window_attn(q9, k3, v3, kernel=False),
     }
     spread: dict = {}
-    res = {"n": n, "window": window, "heads": h, "head_dim": d, **timeit_interleaved(fns, repeats, spread)}
+    res = {"n": n, "window": window, "heads": h, "head_dim": d, "kernel_built": band_cpu.available(),
+           **timeit_interleaved(fns, repeats, spread)}
     res["quartiles_s"] = spread
-    for key in ("b64", "b128", "b64_sinks4"):
-        res[f"speedup_{key}"] = res["full_causal_sdpa_s"] / res[f"blocked_{key}_s"]
-    res["speedup_gqa9x3_b64"] = res["gqa9x3_full_causal_sdpa_s"] / res["gqa9x3_blocked_b64_s"]
+    for key in ("kernel", "kernel_sinks4", "sdpa_blocks"):
+        res[f"speedup_{key}"] = res["full_causal_sdpa_s"] / res[f"{key}_s"]
+        if key != "kernel_sinks4":
+            res[f"speedup_gqa9x3_{key}"] = res["gqa9x3_full_causal_sdpa_s"] / res[f"gqa9x3_{key}_s"]
     return res
 
 
@@ -172,7 +178,6 @@ def bench_grouped_decode(repeats: int, b: int = 4, ctx: int = 2048, h: int = 9, 
 def _md(r: dict, command: str) -> str:
     s, li, fl, gq = r["sliding_window"], r["linear"], r["flash"], r["grouped_decode"]
     ok = lambda c: "yes" if c else "NO"  # noqa: E731
-    best_sw = max(s["speedup_b64"], s["speedup_b128"])
     q_ = s.get("quartiles_s", {})
     iqr = lambda k: (f" (IQR {q_[k][0]*1e3:.0f}-{q_[k][1]*1e3:.0f})" if k in q_ else "")  # noqa: E731
     lines = [
@@ -187,14 +192,15 @@ def _md(r: dict, command: str) -> str:
         "| benchmark | measured | goal | met |",
         "|---|---|---|---|",
         f"| sliding window w={s['window']}, n={s['n']} ({s['heads']} heads, d={s['head_dim']}): full causal SDPA "
-        f"{s['full_causal_sdpa_s']*1e3:.0f} ms{iqr('full_causal_sdpa_s')} vs blocked "
-        f"{s['blocked_b64_s']*1e3:.0f} ms{iqr('blocked_b64_s')} (block 64) / "
-        f"{s['blocked_b128_s']*1e3:.0f} ms (block 128) / {s['blocked_b64_sinks4_s']*1e3:.0f} ms (block 64, 4 sinks) "
-        f"| {s['speedup_b64']:.1f}x / {s['speedup_b128']:.1f}x / {s['speedup_b64_sinks4']:.1f}x | >= 6x (ideal ~8x) "
-        f"| {ok(best_sw >= 6)} |",
+        f"{s['full_causal_sdpa_s']*1e3:.0f} ms{iqr('full_causal_sdpa_s')} vs band kernel "
+        f"{s['kernel_s']*1e3:.0f} ms{iqr('kernel_s')} / with 4 sinks {s['kernel_sinks4_s']*1e3:.0f} ms / SDPA blocks "
+        f"(fallback) {s['sdpa_blocks_s']*1e3:.0f} ms{iqr('sdpa_blocks_s')} "
+        f"| **{s['speedup_kernel']:.1f}x** / {s['speedup_kernel_sinks4']:.1f}x / {s['speedup_sdpa_blocks']:.1f}x "
+        f"| >= 6x (ideal ~8x) | {ok(s['speedup_kernel'] >= 6)} |",
         f"| same at SmolLM2's GQA shape (9 query / 3 KV heads): full causal SDPA (enable_gqa) "
-        f"{s['gqa9x3_full_causal_sdpa_s']*1e3:.0f} ms vs blocked {s['gqa9x3_blocked_b64_s']*1e3:.0f} ms (block 64) "
-        f"| {s['speedup_gqa9x3_b64']:.1f}x | >= 6x | {ok(s['speedup_gqa9x3_b64'] >= 6)} |",
+        f"{s['gqa9x3_full_causal_sdpa_s']*1e3:.0f} ms vs band kernel {s['gqa9x3_kernel_s']*1e3:.0f} ms / SDPA blocks "
+        f"{s['gqa9x3_sdpa_blocks_s']*1e3:.0f} ms | **{s['speedup_gqa9x3_kernel']:.1f}x** / "
+        f"{s['speedup_gqa9x3_sdpa_blocks']:.1f}x | >= 6x | {ok(s['speedup_gqa9x3_kernel'] >= 6)} |",
         f"| linear decode per token, ctx 16384 vs 512 (elu, {li['heads']} heads): "
         f"{li['decode_linear_ctx16384_s']*1e6:.0f} us vs {li['decode_linear_ctx512_s']*1e6:.0f} us; softmax SDPA "
         f"{li['decode_softmax_ctx16384_s']*1e6:.0f} us vs {li['decode_softmax_ctx512_s']*1e6:.0f} us "
@@ -213,16 +219,16 @@ def _md(r: dict, command: str) -> str:
         f"| {gq['speed_ratio_mqa_over_gqa3']:.2f}x = {gq['speed_ratio_over_bytes_ratio']:.2f} of it | >= 0.9 of it "
         f"| {ok(gq['speed_ratio_over_bytes_ratio'] >= 0.9)} |",
         "",
-        "Sliding window: the blocked kernel does n x (window + block - 1) work, 7.1x less than causal n^2/2 at "
-        "block 64 (the causal kernel itself computes ~n x (n/2 + 128) at its 256-query tiles: 7.3x). What it "
-        "reaches is that times CPU SDPA's efficiency on 64-query x 575-key blocks relative to the one big causal "
-        "problem (~0.8): about 6x, and run-to-run spread on this machine straddles the goal (5.5-6.1x across runs). "
-        "One SDPA call covers every block past the first window: each block's keys are an overlapping strided view "
-        "of K/V (no copies), one float band mask serves all blocks, the output comes out in SDPA's own layout; sinks "
-        "are merged by log-sum-exp (inference) instead of being copied into every block. Tried and slower here: "
-        "contiguous per-block K/V copies, blocks of 32-128 queries, GQA blocks of 24-48 (folded to 72-144 rows), "
-        "flex_attention compiled for CPU, a mask-free split merged by log-sum-exp, 512-query diagonal blocks with "
-        "is_causal (CPU SDPA does not skip work below 768 queries).",
+        "Sliding window: the band kernel (`hf_attn_swap/variants/band_cpu.c`, AVX2/FMA, built on first use with the "
+        "system C compiler) computes, per block of 64 queries, only the 6-key x 16-query register tiles that touch "
+        "the band, one plain softmax over an L2-resident score tile (exp2 polynomial), and P @ V over the keys each "
+        "6-query tile sees: n x ~(window + 20) work, against ~n x (n/2 + 128) for the causal SDPA kernel. It "
+        "replaces, for inference in fp32 on x86-64, the SDPA-blocks path (one SDPA call over 64-query blocks whose "
+        "keys are overlapping strided views, a shared float band mask): that path computes n x (window + 63) "
+        "columns in CPU SDPA's 32-query tiles with an online-softmax rescale between its 512-key tiles, at ~0.8 of "
+        "SDPA's efficiency on the one big causal problem, and stays as the path under autograd and where the kernel "
+        "cannot be built. Sinks are merged into either by log-sum-exp (inference) instead of being copied into "
+        "every block.",
         "",
         "GPU: none was available for this run; flash_attn (FlashAttention-2) and fla kernels were not measured and "
         "their code paths are unverified.",

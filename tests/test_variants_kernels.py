@@ -12,6 +12,7 @@ from hf_attn_swap.reference import (
     reference_sliding_window_attention,
     reference_sparse_attention,
 )
+from hf_attn_swap.variants import band_cpu
 from hf_attn_swap.variants import blocked as blocked_mod
 from hf_attn_swap.variants.blocked import blocked_local_attention
 from hf_attn_swap.variants.cache_layers import KVWindowLayer, LinearStateLayer
@@ -37,13 +38,23 @@ def _left_pad_valid(b, n, pad=7):
 # ------------------------------------------------------------------ sliding window
 
 
+def _choose_band_path(path, monkeypatch):
+    """"kernel": the C band kernel (must be built here); "sdpa": the SDPA blocks it replaces where it cannot run."""
+    if path == "kernel":
+        assert band_cpu.available(), "the band kernel did not build on this machine"
+    else:
+        monkeypatch.setattr(band_cpu, "_off", 1)
+
+
 @pytest.mark.parametrize(
     "n,window,sinks,block,h_kv,padded",
     [(50, 8, 0, 16, 2, False), (50, 8, 3, 16, 4, False), (50, 13, 2, 5, 1, True), (33, 1, 0, 8, 2, False),
      (40, 64, 0, 16, 2, True), (64, 16, 4, 16, 2, True)],
     ids=lambda v: str(v),
 )
-def test_blocked_sliding_window_matches_reference(n, window, sinks, block, h_kv, padded):
+@pytest.mark.parametrize("path", ["kernel", "sdpa"])
+def test_blocked_sliding_window_matches_reference(n, window, sinks, block, h_kv, padded, path, monkeypatch):
+    _choose_band_path(path, monkeypatch)
     q, k, v = _qkv(n=n, h_kv=h_kv)
     valid = _left_pad_valid(2, n) if padded else None
     fast = blocked_local_attention(q, k, v, q_start=0, n_sink=0, tail_start=0, window=window, sinks=sinks,
@@ -53,14 +64,18 @@ def test_blocked_sliding_window_matches_reference(n, window, sinks, block, h_kv,
     assert torch.allclose(fast[rows], ref[rows], atol=TOL), (fast - ref)[rows].abs().max()
 
 
-@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+# The band kernel has no backward: under autograd the SDPA path runs.
+@pytest.mark.parametrize("grad,path", [(False, "kernel"), (False, "sdpa"), (True, "sdpa")],
+                         ids=["kernel", "sdpa", "sdpa_grad"])
 @pytest.mark.parametrize(
     "layout", ["fresh", "chunk_after_cache", "evicted_with_sinks"],
 )
 @pytest.mark.parametrize("sinks,h_kv", [(0, 4), (3, 2), (2, 1)], ids=lambda v: str(v))
-def test_blocked_interior_path_matches_reference(layout, sinks, h_kv, grad, monkeypatch):
-    """Sequences much longer than the window take the interior path (strided blocks, shared band mask, sinks merged
-    by log-sum-exp without grad); outputs and, with grad, input gradients equal the dense reference."""
+def test_blocked_interior_path_matches_reference(layout, sinks, h_kv, grad, path, monkeypatch):
+    """Sequences much longer than the window take the interior path: without autograd the band kernel, or (where it
+    cannot run, and under autograd) strided SDPA blocks with a shared band mask; sinks merged by log-sum-exp without
+    grad. Outputs and, with grad, input gradients equal the dense reference."""
+    _choose_band_path(path, monkeypatch)
     n, window, block, b = 97, 12, 8, 2
     if layout == "fresh":
         q_start, tail_start, n_sink, kv_len = 0, 0, 0, n
@@ -79,8 +94,9 @@ def test_blocked_interior_path_matches_reference(layout, sinks, h_kv, grad, monk
     else:
         k_pos = torch.arange(kv_len)
     calls = []
-    real = blocked_mod._interior_band
-    monkeypatch.setattr(blocked_mod, "_interior_band", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    spied = (band_cpu, "band_attention") if path == "kernel" else (blocked_mod, "_interior_band")
+    real = getattr(*spied)
+    monkeypatch.setattr(*spied, lambda *a, **kw: calls.append(1) or real(*a, **kw))
     with torch.set_grad_enabled(grad):
         fast = blocked_local_attention(q, k, v, q_start=q_start, n_sink=n_sink, tail_start=tail_start,
                                        window=window, sinks=sinks, scaling=0.3, block=block)
@@ -97,7 +113,9 @@ def test_blocked_interior_path_matches_reference(layout, sinks, h_kv, grad, monk
             assert torch.allclose(a, r, atol=1e-4), (a - r).abs().max()
 
 
-def test_window_at_least_sequence_is_full_causal_attention():
+@pytest.mark.parametrize("path", ["kernel", "sdpa"])
+def test_window_at_least_sequence_is_full_causal_attention(path, monkeypatch):
+    _choose_band_path(path, monkeypatch)
     q, k, v = _qkv(n=40)
     fast = blocked_local_attention(q, k, v, q_start=0, n_sink=0, tail_start=0, window=40, block=16)
     full = reference_attention(q, k, v, None, is_causal=True)

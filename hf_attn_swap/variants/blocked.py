@@ -3,19 +3,24 @@
 Work is ``O(n * (window + block + sinks))`` instead of ``O(n^2)``: a dense SDPA call with a window mask still does the
 full ``n^2`` work (the mask only hides it), so the keys are sliced per query block before the kernel sees them.
 
-Two paths:
+Three paths:
 
-* the *interior* (queries whose whole window lies inside the keys, no padding): one SDPA call over all blocks, the
-  keys of each block an overlapping strided view of K/V (no copy: measured faster than copying them, the blocks share
-  cache lines), one float band mask shared by every block (a bool mask is converted to float on every call), GQA
-  folded into the query rows. Sinks, when some query sees them, are merged in by log-sum-exp (CPU, no grad).
+* the band kernel (``band_cpu.c``, inference in fp32 on x86-64 with AVX2, no padding): every query without sinks,
+  the interior with sinks. It computes only the tiles that touch the band: ~1.3x faster than the SDPA blocks below.
+* else the *interior* (queries whose whole window lies inside the keys, no padding): one SDPA call over all blocks,
+  the keys of each block an overlapping strided view of K/V (no copy: measured faster than copying them, the blocks
+  share cache lines), one float band mask shared by every block (a bool mask is converted to float on every call),
+  GQA folded into the query rows.
 * everything else (the first window, padded batches, sinks under autograd): the general masked path.
+
+Sinks, when some interior query sees them, are merged in by log-sum-exp (CPU, no grad).
 """
 
 from __future__ import annotations
 
 import torch
 
+from . import band_cpu
 from ._common import grouped_kv
 
 #: queries per block; small blocks waste less of the band (``block - 1`` extra columns), large ones cost fewer calls.
@@ -217,14 +222,13 @@ def blocked_local_attention(
     # Interior: every key of the window present (tail_start + window - 1 <= position) and every sink outside it.
     n_sinks_seen = n_sink if n_sink else (min(sinks, key.shape[2]) if tail_start == 0 else 0)
     first = max(tail_start + window - 1, window + n_sinks_seen - 1 if n_sinks_seen else 0)
-    s0 = max(0, first - q_start)
     sinks_need_merge = n_sinks_seen > 0
-    fast = (
-        q_len - s0 >= blk
-        and dropout == 0.0
-        and (key_valid is None or bool(key_valid.all()))
-        and (not sinks_need_merge or _lse_op_usable(query))
-    )
+    unpadded = dropout == 0.0 and (key_valid is None or bool(key_valid.all()))
+    # The band kernel handles any layout without sinks, so then it takes every query (s0 = 0).
+    kernel = unpadded and band_cpu.usable(query, key, value)
+    s0 = max(0, first - q_start) if (sinks_need_merge or not kernel) else 0
+    fast = unpadded and ((kernel and q_len > s0) or (
+        q_len - s0 >= blk and (not sinks_need_merge or _lse_op_usable(query))))
     if not fast:
         return _blocked_general(query, key, value, q_start=q_start, n_sink=n_sink, tail_start=tail_start,
                                 window=window, sinks=sinks, key_valid=key_valid, scaling=scaling, dropout=dropout,
@@ -246,10 +250,15 @@ def blocked_local_attention(
             query[:, :, :s0], key[:, :, :keep], value[:, :, :keep], q_start=q_start, n_sink=n_sink,
             tail_start=tail_start, window=window, sinks=sinks, key_valid=valid, scaling=scaling, block=block,
         ).transpose(1, 2)
-    k0 = q_start + s0 - (window - 1) - tail_start  # index in the tail of the first interior query's first key
     qi = query[:, :, s0:]
-    lse = _interior_band(qi, tail_k[:, :, k0:], tail_v[:, :, k0:], out[:, :, s0:], window=window, block=blk,
-                         scaling=scaling)
+    if kernel:
+        _, lse = band_cpu.band_attention(qi, tail_k, tail_v, q_offset=q_start + s0 - tail_start, window=window,
+                                         scale=scaling if scaling is not None else d**-0.5, out=out[:, :, s0:],
+                                         want_lse=sinks_need_merge)
+    else:
+        k0 = q_start + s0 - (window - 1) - tail_start  # index in the tail of the first interior query's first key
+        lse = _interior_band(qi, tail_k[:, :, k0:], tail_v[:, :, k0:], out[:, :, s0:], window=window, block=blk,
+                             scaling=scaling)
     if sinks_need_merge:
         sk = key[:, :, :n_sink] if n_sink else tail_k[:, :, :n_sinks_seen]
         sv = value[:, :, :n_sink] if n_sink else tail_v[:, :, :n_sinks_seen]
