@@ -53,6 +53,34 @@ def test_kernel_matches_reference(b, h, h_kv, m, n, d, window, q_offset):
     assert torch.allclose(lse, torch.logsumexp(s, -1), atol=1e-5)
 
 
+@pytest.mark.parametrize("layout", ["sinks_in_keys", "sinks_kept_apart"])
+@pytest.mark.parametrize("n_sinks", [1, 4, 7])
+def test_kernel_sinks_match_reference(layout, n_sinks):
+    """Sinks stay visible once the window has left them: as the first keys themselves (fresh prefill), or kept apart
+    from a tail that starts later (an evicting cache)."""
+    g = torch.Generator().manual_seed(n_sinks)
+    b, h, h_kv, m, d, window = 2, 4, 2, 150, 32, 24
+    q = torch.randn(b, h, m, d, generator=g)
+    if layout == "sinks_in_keys":
+        k, v = torch.randn(b, h_kv, m, d, generator=g), torch.randn(b, h_kv, m, d, generator=g)
+        sk, sv, key_start, q_offset = k[:, :, :n_sinks], v[:, :, :n_sinks], 0, 0
+        k_all, v_all, k_pos = k, v, torch.arange(m)
+    else:  # tail = the last window - 1 cached tokens, then the chunk; it starts at position 500
+        n = window - 1 + m
+        k, v = torch.randn(b, h_kv, n, d, generator=g), torch.randn(b, h_kv, n, d, generator=g)
+        sk, sv = torch.randn(b, h_kv, n_sinks, d, generator=g), torch.randn(b, h_kv, n_sinks, d, generator=g)
+        key_start, q_offset = 500, window - 1
+        k_all, v_all = torch.cat([sk, k], 2), torch.cat([sv, v], 2)
+        k_pos = torch.cat([torch.arange(n_sinks), torch.arange(500, 500 + n)])
+    out, lse = band_cpu.band_attention(q, k, v, q_offset=q_offset, window=window, scale=0.3, sink_key=sk,
+                                       sink_value=sv, key_start=key_start, want_lse=True)
+    q_pos = torch.arange(key_start + q_offset, key_start + q_offset + m)
+    ref = reference_sliding_window_attention(q, k_all, v_all, window=window, sinks=n_sinks, scaling=0.3,
+                                             q_positions=q_pos, k_positions=k_pos).transpose(1, 2)
+    assert torch.allclose(out, ref, atol=TOL), (out - ref).abs().max()
+    assert torch.isfinite(lse).all()
+
+
 def test_kernel_reads_strided_views_and_writes_into_a_view():
     """Queries as transformers hands them over ((b, q, H, d) transposed), output into a slice of a bigger tensor."""
     g = torch.Generator().manual_seed(0)
@@ -98,6 +126,9 @@ def test_bad_layout_is_a_clear_error():
     q = torch.randn(1, 2, 10, 16)
     with pytest.raises(ValueError, match="q_offset"):
         band_cpu.band_attention(q, q, q, q_offset=5, window=4, scale=1.0)  # queries run past the keys
+    with pytest.raises(ValueError, match="key_start"):  # sinks overlapping a tail that starts after 0
+        band_cpu.band_attention(q, q, q, q_offset=0, window=4, scale=1.0, sink_key=q[:, :, :3],
+                                sink_value=q[:, :, :3], key_start=2)
     with pytest.raises(ValueError, match="heads"):
         band_cpu.band_attention(q, torch.randn(1, 3, 10, 16), torch.randn(1, 3, 10, 16), q_offset=0, window=4,
                                 scale=1.0)

@@ -72,9 +72,15 @@ static inline __attribute__((always_inline)) void tile6x16(const float *a0, cons
 }
 
 /* One block: queries rows [0, R) of the block at positions p0.., keys [c_lo, c_lo + L) of (b, head). */
+typedef struct {
+    const float *k, *v; /* this (batch, KV head)'s sink keys/values, at positions 0 .. n - 1 */
+    int64_t k_sn, v_sn, n;
+    int64_t r_first; /* sink s is seen by the block's queries r >= s + r_first (those whose window it has left) */
+} sinks_t;
+
 static void band_block(const float *q, int64_t q_sm, const float *k, int64_t k_sn, const float *v, int64_t v_sn,
                        float *o, int64_t o_sm, float *lse, int64_t R, int64_t D, int64_t p0, int64_t c_lo,
-                       int64_t L, int64_t window, float qscale, float *QT, float *ST) {
+                       int64_t L, int64_t window, float qscale, const sinks_t *sk, float *QT, float *ST, float *SS) {
     const float ninf = -INFINITY;
     /* QT: transposed, scaled queries; rows past R are zero (their scores are finite and never stored). */
     for (int64_t r = 0; r < QB; r++)
@@ -109,20 +115,43 @@ static void band_block(const float *q, int64_t q_sm, const float *k, int64_t k_s
         for (int64_t r = 0; r < min64(rmin, QB); r++) ST[c * QB + r] = ninf;
         for (int64_t r = max64(rmax + 1, 0); r < QB; r++) ST[c * QB + r] = ninf;
     }
+    /* Sinks: their own score rows SS (n x 64), -inf for the queries whose window still holds them. */
+    for (int64_t s0 = 0; s0 < sk->n; s0 += KT) {
+        const int64_t ns = min64(KT, sk->n - s0);
+        const float *kr[KT];
+        for (int i = 0; i < KT; i++) kr[i] = sk->k + (s0 + (i < ns ? i : 0)) * sk->k_sn;
+        for (int64_t rt = 0; rt < QB; rt += 16) {
+            __m256 acc[12];
+            tile6x16(kr[0], kr[1], kr[2], kr[3], kr[4], kr[5], 1, QT + rt, QB, D, acc);
+            for (int64_t i = 0; i < ns; i++) {
+                _mm256_storeu_ps(SS + (s0 + i) * QB + rt, acc[2 * i]);
+                _mm256_storeu_ps(SS + (s0 + i) * QB + rt + 8, acc[2 * i + 1]);
+            }
+        }
+    }
+    for (int64_t s0 = 0; s0 < sk->n; s0++)
+        for (int64_t r = 0; r < min64(s0 + sk->r_first, QB); r++) SS[s0 * QB + r] = ninf;
+    const float *rows[2] = {SS, ST};
+    const int64_t nrows[2] = {sk->n, L};
+
     /* Softmax down the rows: max, then exp2 and sum, 8 queries per vector. */
     __m256 mx[QB / 8], sm[QB / 8];
     for (int j = 0; j < QB / 8; j++) {
         mx[j] = _mm256_set1_ps(ninf);
         sm[j] = _mm256_setzero_ps();
     }
-    for (int64_t c = 0; c < L; c++)
-        for (int j = 0; j < QB / 8; j++) mx[j] = _mm256_max_ps(mx[j], _mm256_loadu_ps(ST + c * QB + 8 * j));
-    for (int64_t c = 0; c < L; c++)
-        for (int j = 0; j < QB / 8; j++) {
-            __m256 e = exp2_ps(_mm256_sub_ps(_mm256_loadu_ps(ST + c * QB + 8 * j), mx[j]));
-            _mm256_storeu_ps(ST + c * QB + 8 * j, e);
-            sm[j] = _mm256_add_ps(sm[j], e);
-        }
+    for (int part = 0; part < 2; part++)
+        for (int64_t c = 0; c < nrows[part]; c++)
+            for (int j = 0; j < QB / 8; j++)
+                mx[j] = _mm256_max_ps(mx[j], _mm256_loadu_ps(rows[part] + c * QB + 8 * j));
+    for (int part = 0; part < 2; part++)
+        for (int64_t c = 0; c < nrows[part]; c++)
+            for (int j = 0; j < QB / 8; j++) {
+                float *x = (float *)rows[part] + c * QB + 8 * j;
+                __m256 e = exp2_ps(_mm256_sub_ps(_mm256_loadu_ps(x), mx[j]));
+                _mm256_storeu_ps(x, e);
+                sm[j] = _mm256_add_ps(sm[j], e);
+            }
     float mxs[QB], sms[QB];
     for (int j = 0; j < QB / 8; j++) {
         _mm256_storeu_ps(mxs + 8 * j, mx[j]);
@@ -142,6 +171,12 @@ static void band_block(const float *q, int64_t q_sm, const float *k, int64_t k_s
             __m256 acc[12];
             tile6x16(pr, pr + 1, pr + 2, pr + 3, pr + 4, pr + 5, QB, v + (c_lo + cl) * v_sn + jt, v_sn, ch - cl + 1,
                      acc);
+            if (sk->n && r0 + nr - 1 >= sk->r_first) { /* some row of the tile sees a sink */
+                const float *ps = SS + r0;
+                __m256 acc_s[12];
+                tile6x16(ps, ps + 1, ps + 2, ps + 3, ps + 4, ps + 5, QB, sk->v + jt, sk->v_sn, sk->n, acc_s);
+                for (int i = 0; i < 12; i++) acc[i] = _mm256_add_ps(acc[i], acc_s[i]);
+            }
             for (int64_t i = 0; i < nr; i++) {
                 __m256 inv = _mm256_set1_ps(1.0f / sms[r0 + i]);
                 _mm256_storeu_ps(o + (r0 + i) * o_sm + jt, _mm256_mul_ps(acc[2 * i], inv));
@@ -152,13 +187,16 @@ static void band_block(const float *q, int64_t q_sm, const float *k, int64_t k_s
 }
 
 /* q (B, H, M, D), k/v (B, Hkv, N, D), out (B, H, M, D): element strides for batch, head and sequence, the last
- * dimension contiguous. lse (B, H, M) contiguous or NULL. Returns 0, or -1 when the shapes are not supported. */
+ * dimension contiguous. lse (B, H, M) contiguous or NULL. Sinks: sk/sv (B, Hkv, S, D) at positions 0 .. S-1, the
+ * tail's key 0 at position pos0 (so query i at position pos0 + q_off + i sees sink s when s <= that - window); S = 0
+ * for none. Returns 0, -1 when the shapes are not supported, -2 when out of memory. */
 int band_attention_f32(const float *q, const float *k, const float *v, float *out, float *lse, int64_t B, int64_t H,
                        int64_t Hkv, int64_t M, int64_t N, int64_t D, int64_t q_sb, int64_t q_sh, int64_t q_sm,
                        int64_t k_sb, int64_t k_sh, int64_t k_sn, int64_t v_sb, int64_t v_sh, int64_t v_sn,
                        int64_t o_sb, int64_t o_sh, int64_t o_sm, int64_t q_off, int64_t window, float scale,
-                       int nthreads) {
-    if (D % 16 || H % Hkv || window < 1 || q_off < 0 || q_off + M > N) return -1;
+                       const float *sk, const float *sv, int64_t S, int64_t sk_sb, int64_t sk_sh, int64_t sk_sn,
+                       int64_t sv_sb, int64_t sv_sh, int64_t sv_sn, int64_t pos0, int nthreads) {
+    if (D % 16 || H % Hkv || window < 1 || q_off < 0 || q_off + M > N || S < 0) return -1;
     const int64_t nblk = (M + QB - 1) / QB;
     const int64_t items = B * H * nblk;
     const int64_t span = min64(window + QB - 1, N) + KT; /* rows of ST, with room for the tile's overhang */
@@ -168,25 +206,29 @@ int band_attention_f32(const float *q, const float *k, const float *v, float *ou
     {
         float *QT = (float *)aligned_alloc(64, (size_t)(D * QB) * sizeof(float));
         float *ST = (float *)aligned_alloc(64, (size_t)(span * QB + QB) * sizeof(float));
-        if (!QT || !ST) {
+        float *SS = (float *)aligned_alloc(64, (size_t)((S + KT) * QB + QB) * sizeof(float));
+        if (!QT || !ST || !SS) {
 #pragma omp atomic write
             failed = 1;
         }
 #pragma omp for schedule(static)
         for (int64_t it = 0; it < items; it++) {
-            if (!QT || !ST) continue;
+            if (!QT || !ST || !SS) continue;
             const int64_t b = it / (H * nblk), h = (it / nblk) % H, blk = it % nblk;
             const int64_t hk = h / (H / Hkv);
             const int64_t r0 = blk * QB, R = min64(QB, M - r0);
             const int64_t p0 = q_off + r0;
             const int64_t c_lo = max64(0, p0 - window + 1), c_hi = p0 + R - 1;
+            const sinks_t sinks = {sk + b * sk_sb + hk * sk_sh, sv + b * sv_sb + hk * sv_sh, sk_sn, sv_sn, S,
+                                   window - pos0 - p0};
             band_block(q + b * q_sb + h * q_sh + r0 * q_sm, q_sm, k + b * k_sb + hk * k_sh, k_sn,
                        v + b * v_sb + hk * v_sh, v_sn, out + b * o_sb + h * o_sh + r0 * o_sm, o_sm,
-                       lse ? lse + (b * H + h) * M + r0 : NULL, R, D, p0, c_lo, c_hi - c_lo + 1, window, qscale, QT,
-                       ST);
+                       lse ? lse + (b * H + h) * M + r0 : NULL, R, D, p0, c_lo, c_hi - c_lo + 1, window, qscale,
+                       &sinks, QT, ST, SS);
         }
         free(QT);
         free(ST);
+        free(SS);
     }
     return failed ? -2 : 0;
 }

@@ -86,7 +86,8 @@ def _library() -> ctypes.CDLL | None:
     fn = lib.band_attention_f32
     fn.restype = ctypes.c_int
     fn.argtypes = ([ctypes.c_void_p] * 5 + [ctypes.c_int64] * 6 + [ctypes.c_int64] * 12
-                   + [ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_int])
+                   + [ctypes.c_int64, ctypes.c_int64, ctypes.c_float]
+                   + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 8 + [ctypes.c_int])
     return lib
 
 
@@ -125,13 +126,17 @@ def usable(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
 def band_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, q_offset: int, window: int,
     scale: float, out: torch.Tensor | None = None, want_lse: bool = False,
+    sink_key: torch.Tensor | None = None, sink_value: torch.Tensor | None = None, key_start: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Sliding-window attention: query ``i`` (``(b, H, m, d)``) sits at key position ``q_offset + i`` of
-    ``key``/``value`` (``(b, H_kv, n, d)``) and sees keys ``j`` with ``pos - window < j <= pos``.
+    """Sliding-window attention: query ``i`` (``(b, H, m, d)``) sits at key index ``q_offset + i`` of
+    ``key``/``value`` (``(b, H_kv, n, d)``) and sees keys ``j`` with ``index - window < j <= index``.
 
     Args:
         out: ``(b, H, m, d)`` to write into (any strides with a contiguous last dimension), else a new tensor.
         want_lse: also return the natural log-sum-exp of each query's scores, ``(b, H, m)``.
+        sink_key, sink_value: ``(b, H_kv, S, d)``, the keys at positions ``0 .. S-1``, seen by every query whose
+            window has left them behind. ``key`` then starts at position ``key_start`` (a bounded cache keeps the
+            sinks apart); when the sinks are ``key``'s own first entries, ``key_start`` is 0.
 
     Returns:
         ``(out, lse or None)``. Call only when :func:`usable` is True.
@@ -146,11 +151,21 @@ def band_attention(
     elif out.shape != query.shape or out.stride(-1) != 1:
         raise ValueError(f"band_attention: out must be {tuple(query.shape)} with a contiguous last dimension")
     lse = query.new_empty(b, h, m) if want_lse else None
+    if sink_key is None:
+        sink_key = sink_value = key[:, :, :0]
+    n_sinks = sink_key.shape[2]
+    if n_sinks and not (sink_key.shape[:2] == key.shape[:2] and sink_value.shape == sink_key.shape
+                        and sink_key.stride(-1) == 1 and sink_value.stride(-1) == 1
+                        and (key_start == 0 or key_start >= n_sinks)):
+        raise ValueError("band_attention: sink_key/sink_value must be (b, H_kv, S, d) with a contiguous last "
+                         f"dimension, and key must start at 0 or after the sinks (key_start={key_start}, S={n_sinks})")
     lib = _library()
     rc = lib.band_attention_f32(
         query.data_ptr(), key.data_ptr(), value.data_ptr(), out.data_ptr(), lse.data_ptr() if lse is not None else None,
         b, h, h_kv, m, n, d, *query.stride()[:3], *key.stride()[:3], *value.stride()[:3], *out.stride()[:3],
-        q_offset, window, float(scale), torch.get_num_threads(),
+        q_offset, window, float(scale),
+        sink_key.data_ptr() if n_sinks else None, sink_value.data_ptr() if n_sinks else None, n_sinks,
+        *sink_key.stride()[:3], *sink_value.stride()[:3], key_start, torch.get_num_threads(),
     )
     if rc != 0:
         raise RuntimeError(f"band_attention kernel failed (code {rc}) on q{tuple(query.shape)} k{tuple(key.shape)}")

@@ -5,15 +5,15 @@ full ``n^2`` work (the mask only hides it), so the keys are sliced per query blo
 
 Three paths:
 
-* the band kernel (``band_cpu.c``, inference in fp32 on x86-64 with AVX2, no padding): every query without sinks,
-  the interior with sinks. It computes only the tiles that touch the band: ~1.3x faster than the SDPA blocks below.
+* the band kernel (``band_cpu.c``, inference in fp32 on x86-64 with AVX2, no padding): every query, sinks
+  included. It computes only the tiles that touch the band: ~1.5x faster than the SDPA blocks below.
 * else the *interior* (queries whose whole window lies inside the keys, no padding): one SDPA call over all blocks,
   the keys of each block an overlapping strided view of K/V (no copy: measured faster than copying them, the blocks
   share cache lines), one float band mask shared by every block (a bool mask is converted to float on every call),
   GQA folded into the query rows.
 * everything else (the first window, padded batches, sinks under autograd): the general masked path.
 
-Sinks, when some interior query sees them, are merged in by log-sum-exp (CPU, no grad).
+On the SDPA interior, sinks are merged in by log-sum-exp (CPU, no grad).
 """
 
 from __future__ import annotations
@@ -224,11 +224,16 @@ def blocked_local_attention(
     first = max(tail_start + window - 1, window + n_sinks_seen - 1 if n_sinks_seen else 0)
     sinks_need_merge = n_sinks_seen > 0
     unpadded = dropout == 0.0 and (key_valid is None or bool(key_valid.all()))
-    # The band kernel handles any layout without sinks, so then it takes every query (s0 = 0).
-    kernel = unpadded and band_cpu.usable(query, key, value)
-    s0 = max(0, first - q_start) if (sinks_need_merge or not kernel) else 0
-    fast = unpadded and ((kernel and q_len > s0) or (
-        q_len - s0 >= blk and (not sinks_need_merge or _lse_op_usable(query))))
+    tail_k, tail_v = key[:, :, n_sink:], value[:, :, n_sink:]
+    sk = key[:, :, :n_sink] if n_sink else tail_k[:, :, :n_sinks_seen]
+    sv = value[:, :, :n_sink] if n_sink else tail_v[:, :, :n_sinks_seen]
+    if unpadded and band_cpu.usable(query, key, value):  # every query, sinks included, in one call
+        out, _ = band_cpu.band_attention(query, tail_k, tail_v, q_offset=q_start - tail_start, window=window,
+                                         scale=scaling if scaling is not None else d**-0.5, sink_key=sk,
+                                         sink_value=sv, key_start=tail_start)
+        return out.transpose(1, 2)
+    s0 = max(0, first - q_start)
+    fast = unpadded and q_len - s0 >= blk and (not sinks_need_merge or _lse_op_usable(query))
     if not fast:
         return _blocked_general(query, key, value, q_start=q_start, n_sink=n_sink, tail_start=tail_start,
                                 window=window, sinks=sinks, key_valid=key_valid, scaling=scaling, dropout=dropout,
@@ -236,7 +241,6 @@ def blocked_local_attention(
     # Built as (b, H, q, d) (SDPA's own layout, so the interior's output lands with one contiguous copy) and
     # returned as the (b, q, H, d) view the attention contract asks for.
     out = query.new_empty(b, h, q_len, d)
-    tail_k, tail_v = key[:, :, n_sink:], value[:, :, n_sink:]
     if s0 and q_start == tail_start and not n_sink:
         # Fresh prefill: every query before the interior sees all keys up to itself (its window and the sinks cover
         # them), which is plain causal attention.
@@ -251,16 +255,9 @@ def blocked_local_attention(
             tail_start=tail_start, window=window, sinks=sinks, key_valid=valid, scaling=scaling, block=block,
         ).transpose(1, 2)
     qi = query[:, :, s0:]
-    if kernel:
-        _, lse = band_cpu.band_attention(qi, tail_k, tail_v, q_offset=q_start + s0 - tail_start, window=window,
-                                         scale=scaling if scaling is not None else d**-0.5, out=out[:, :, s0:],
-                                         want_lse=sinks_need_merge)
-    else:
-        k0 = q_start + s0 - (window - 1) - tail_start  # index in the tail of the first interior query's first key
-        lse = _interior_band(qi, tail_k[:, :, k0:], tail_v[:, :, k0:], out[:, :, s0:], window=window, block=blk,
-                             scaling=scaling)
+    k0 = q_start + s0 - (window - 1) - tail_start  # index in the tail of the first interior query's first key
+    lse = _interior_band(qi, tail_k[:, :, k0:], tail_v[:, :, k0:], out[:, :, s0:], window=window, block=blk,
+                         scaling=scaling)
     if sinks_need_merge:
-        sk = key[:, :, :n_sink] if n_sink else tail_k[:, :, :n_sinks_seen]
-        sv = value[:, :, :n_sink] if n_sink else tail_v[:, :, :n_sinks_seen]
         _merge_sinks(out[:, :, s0:], lse, qi, sk, sv, scaling)
     return out.transpose(1, 2)
