@@ -227,8 +227,11 @@ def _md(r: dict, command: str) -> str:
         "keys are overlapping strided views, a shared float band mask): that path computes n x (window + 63) "
         "columns in CPU SDPA's 32-query tiles with an online-softmax rescale between its 512-key tiles, at ~0.8 of "
         "SDPA's efficiency on the one big causal problem, and stays as the path under autograd and where the kernel "
-        "cannot be built. Sinks are merged into either by log-sum-exp (inference) instead of being copied into "
-        "every block.",
+        "cannot be built. Sinks are score rows of their own in the kernel (seen once a query's window has left "
+        "them); on the SDPA path they are merged by log-sum-exp (inference) instead of being copied into every "
+        "block. Linear prefill: each chunk's output is normalised while in cache and written in place (a final "
+        "pass over the whole 8k output, once it outgrows the L3 cache, made 8k cost 2.0-2.5x of 4k from run to "
+        "run).",
         "",
         "GPU: none was available for this run; flash_attn (FlashAttention-2) and fla kernels were not measured and "
         "their code paths are unverified.",

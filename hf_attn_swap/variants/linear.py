@@ -128,8 +128,17 @@ def chunked_linear_attention(
     Returns:
         ``out (b, q, H, d)`` fp32, the new ``state_s`` and ``state_z``.
     """
-    num, den, s, z = chunked_linear_terms(q_feat, k_feat, value, state_s, state_z, chunk_size=chunk_size)
-    return num / (den + eps), s, z
+    b, h, n, _ = q_feat.shape
+    h_kv, dv = k_feat.shape[1], value.shape[-1]
+    out = q_feat.new_empty(b, h_kv, h // h_kv, n, dv, dtype=torch.float32)
+
+    def normalise(c0: int, c1: int, num: torch.Tensor, den: torch.Tensor) -> None:
+        # Per chunk, while it is in cache: one pass over a whole 8k-token output costs more than its share at 4k
+        # (the tensors outgrow the L3 cache), which showed as prefill time growing faster than n.
+        out[..., c0:c1, :] = num / (den + eps)
+
+    s, z = _linear_chunks(q_feat, k_feat, value, state_s, state_z, chunk_size, normalise)
+    return out.reshape(b, h, n, dv).transpose(1, 2), s, z
 
 
 def chunked_linear_terms(
@@ -143,6 +152,19 @@ def chunked_linear_terms(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Numerator ``(b, q, H, d)`` and normaliser ``(b, q, H, 1)`` of causal linear attention, unnormalised (the
     hybrid weighs them against its softmax window), and the new state. Arguments as :func:`chunked_linear_attention`."""
+    b, h, n, _ = q_feat.shape
+    dv = value.shape[-1]
+    nums, dens = [], []
+    s, z = _linear_chunks(q_feat, k_feat, value, state_s, state_z, chunk_size,
+                          lambda c0, c1, num, den: (nums.append(num), dens.append(den)))
+    num = torch.cat(nums, dim=-2).reshape(b, h, n, dv).transpose(1, 2)
+    den = torch.cat(dens, dim=-2).reshape(b, h, n, 1).transpose(1, 2)
+    return num, den, s, z
+
+
+def _linear_chunks(q_feat, k_feat, value, state_s, state_z, chunk_size, emit) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chunk loop of both functions above: ``emit(c0, c1, num, den)`` per chunk, with ``num``
+    ``(b, H_kv, g, c, d)`` and ``den`` ``(b, H_kv, g, c, 1)`` (g query heads per KV head); returns the final state."""
     b, h, n, m = q_feat.shape
     h_kv, dv = k_feat.shape[1], value.shape[-1]
     g = h // h_kv
@@ -151,20 +173,16 @@ def chunked_linear_terms(
     vf = value.float().unsqueeze(2)
     s = state_s.float().unsqueeze(2) if state_s is not None else qf.new_zeros(b, h_kv, 1, m, dv)
     z = state_z.float().unsqueeze(2).unsqueeze(-1) if state_z is not None else qf.new_zeros(b, h_kv, 1, m, 1)
-    nums, dens = [], []
     for c0 in range(0, n, chunk_size):
         c1 = min(n, c0 + chunk_size)
         qc, kc, vc = qf[..., c0:c1, :], kf[..., c0:c1, :], vf[..., c0:c1, :]
         a = qc @ kc.transpose(-1, -2)
         if c1 - c0 > 1:
             a = a.tril()
-        nums.append(a @ vc + qc @ s)
-        dens.append(a.sum(-1, keepdim=True) + qc @ z)
+        emit(c0, c1, a @ vc + qc @ s, a.sum(-1, keepdim=True) + qc @ z)
         s = s + kc.transpose(-1, -2) @ vc
         z = z + kc.sum(-2).unsqueeze(-1)
-    num = torch.cat(nums, dim=-2).reshape(b, h, n, dv).transpose(1, 2)
-    den = torch.cat(dens, dim=-2).reshape(b, h, n, 1).transpose(1, 2)
-    return num, den, s.squeeze(2), z.squeeze(-1).squeeze(2)
+    return s.squeeze(2), z.squeeze(-1).squeeze(2)
 
 
 def _fla_linear_attention(q_feat, k_feat, value, state_s, state_z, eps):  # pragma: no cover - needs CUDA + fla
