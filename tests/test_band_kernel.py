@@ -169,3 +169,23 @@ def test_threads_split_the_work_without_changing_a_bit():
     finally:
         torch.set_num_threads(before)
     assert torch.equal(one, two)
+
+
+def test_hybrid_window_part_takes_the_kernel_in_inference(monkeypatch):
+    """The hybrid's softmax-window part (output and log-sum-exp) is the same through the kernel as through its
+    explicit, differentiable scores."""
+    from hf_attn_swap.variants.hybrid import band_softmax_lse
+
+    calls = []
+    real = band_cpu.band_attention
+    monkeypatch.setattr(band_cpu, "band_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 6, 100, 32, generator=g)
+    k, v = torch.randn(2, 2, 130, 32, generator=g), torch.randn(2, 2, 130, 32, generator=g)
+    args = dict(q_start=530, k_start=500, window=24, key_valid=None, scaling=0.2)
+    with torch.no_grad():
+        o_k, lse_k = band_softmax_lse(q, k, v, **args)
+        with band_cpu.off():
+            o_e, lse_e = band_softmax_lse(q, k, v, **args)
+    assert calls == [1]  # the first call took the kernel, the one inside off() did not
+    assert torch.allclose(o_k, o_e, atol=TOL) and torch.allclose(lse_k, lse_e, atol=1e-5)

@@ -10,7 +10,8 @@ initialisation both parts are on the scale of ``exp(s q.k)``).
 Computed as two parts merged by their normalisers, never by exponentiating unbounded scores:
 
 * window: softmax over the band, blocked, with its log-sum-exp (explicit scores so that the log-sum-exp has a
-  gradient: attention transfer trains through it). ``O(n * (window + block))`` time and memory;
+  gradient: attention transfer trains through it; in inference on CPU the band kernel of :mod:`.band_cpu`).
+  ``O(n * (window + block))`` time and memory;
 * older keys: causal linear attention lagged by ``window`` (query ``i`` reads the state of keys ``<= i - window``),
   chunked, continuing from the cache's state;
 * ``out = a * o_window + (1 - a) * num / den`` with ``a = sigmoid(lse_window + log g - log den)``.
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..reference import reference_hybrid_attention
+from . import band_cpu
 from ._common import current_cache_layer, in_reference_mode
 from .cache_layers import HybridStateLayer
 from .linear import chunked_linear_terms  # linear imports this module only inside its attention function
@@ -63,6 +65,11 @@ def band_softmax_lse(
     h_kv = key.shape[1]
     g = h // h_kv
     scale = d**-0.5 if scaling is None else scaling
+    if (key_valid is None or bool(key_valid.all())) and band_cpu.usable(query, key, value):
+        # Inference on CPU: the band kernel returns the same output and log-sum-exp (no gradient, hence not in
+        # attention transfer, which takes the explicit scores below).
+        return band_cpu.band_attention(query, key, value, q_offset=q_start - k_start, window=window, scale=scale,
+                                       want_lse=True)
     outs, lses = [], []
     for i0 in range(0, q_len, block):
         i1 = min(q_len, i0 + block)
