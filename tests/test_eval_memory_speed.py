@@ -18,6 +18,7 @@ from hf_attn_swap.eval.memory import (
     prefill_cache,
 )
 from hf_attn_swap.eval.speed import Timing, decode_throughput, environment, num_threads, prefill_latency, time_fn
+from hf_attn_swap.hf_compat import cache_kwarg, output_cache
 
 
 @pytest.fixture(scope="module")
@@ -130,8 +131,9 @@ def test_batch_repeated_cache_decodes_like_a_batched_prefill(mha):
     with torch.no_grad():
         out = mha(input_ids=ids, use_cache=True)
         ref_nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-        a = mha(input_ids=nxt, past_key_values=cache, use_cache=True).logits
-        b = mha(input_ids=ref_nxt, past_key_values=out.past_key_values, use_cache=True).logits
+        name = cache_kwarg(mha)
+        a = mha(input_ids=nxt, **{name: cache}, use_cache=True).logits
+        b = mha(input_ids=ref_nxt, **{name: output_cache(out)}, use_cache=True).logits
     assert torch.equal(nxt, ref_nxt)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)  # fp32
 

@@ -12,6 +12,7 @@ from hf_attn_swap import kv_heads_per_layer, swap_attention, swap_record, unswap
 from hf_attn_swap.convert.adapters import get_adapter
 from hf_attn_swap.convert.pooling import pool
 from hf_attn_swap.convert.projections import build_new_modules, commit, find_attention, read_projections
+from hf_attn_swap.hf_compat import cache_kwarg, output_cache
 from hf_attn_swap.reference import reference_attention, reference_pool_heads
 from hf_attn_swap.variants.gqa import grouped_attention
 
@@ -101,11 +102,11 @@ def test_every_adapter_converts_to_mqa_and_runs(arch, strategy):
         full = output(model, gen)[:, -5:-1]
         with torch.no_grad():
             out = model(gen[:, :-4], use_cache=True)
-            steps, past = [out.logits[:, -1]], out.past_key_values
+            steps, past = [out.logits[:, -1]], output_cache(out)
             for t in range(gen.shape[1] - 4, gen.shape[1] - 1):
-                out = model(gen[:, t : t + 1], past_key_values=past, use_cache=True)
+                out = model(gen[:, t : t + 1], **{cache_kwarg(model): past}, use_cache=True)
                 steps.append(out.logits[:, -1])
-                past = out.past_key_values
+                past = output_cache(out)
         torch.testing.assert_close(torch.stack(steps, 1), full, atol=1e-4, rtol=1e-4)  # fp32 summation order
         # The cache really holds one KV head per layer.
         assert past.layers[0].keys.shape[1] == 1

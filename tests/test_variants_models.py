@@ -24,6 +24,7 @@ from transformers import (
 )
 
 from hf_attn_swap import swap_attention, swap_record, unswap_attention
+from hf_attn_swap.hf_compat import cache_kwarg, output_cache
 from hf_attn_swap.variants._common import reference_mode
 from hf_attn_swap.variants.cache_layers import KVWindowLayer, LinearStateLayer
 from hf_attn_swap.variants.sliding_window import vanilla_export
@@ -76,9 +77,10 @@ def _logits(model, ids, am=None, **kw):
 def _prefill_then_decode(model, ids, am, split):
     """Logits of a prefill of ``split`` tokens, then one token at a time through the cache."""
     out = model(input_ids=ids[:, :split], attention_mask=am[:, :split], use_cache=True)
-    cache, steps = out.past_key_values, [out.logits]
+    cache, steps = output_cache(out), [out.logits]
     for t in range(split, ids.shape[1]):
-        o = model(input_ids=ids[:, t : t + 1], attention_mask=am[:, : t + 1], past_key_values=cache, use_cache=True)
+        o = model(input_ids=ids[:, t : t + 1], attention_mask=am[:, : t + 1], **{cache_kwarg(model): cache},
+                  use_cache=True)
         steps.append(o.logits)
     return torch.cat(steps, 1)
 
@@ -141,7 +143,7 @@ def test_bounded_cache_after_generating_four_windows(arch):
     ids, am = _ids(n=8)
     with torch.no_grad():
         out = _generate(model, ids, am, 4 * window)
-    layers = out.past_key_values.layers
+    layers = output_cache(out).layers
     assert all(isinstance(l, KVWindowLayer) for l in layers)
     for l in layers:
         assert l.keys.shape[2] <= window + sinks and l.values.shape[2] <= window + sinks
@@ -176,8 +178,8 @@ def test_linear_decode_keeps_constant_memory():
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=am, max_new_tokens=20, do_sample=False, pad_token_id=0,
                              return_dict_in_generate=True)
-    sizes = {l.nbytes() for l in out.past_key_values.layers}
-    assert all(isinstance(l, LinearStateLayer) for l in out.past_key_values.layers)
+    sizes = {l.nbytes() for l in output_cache(out).layers}
+    assert all(isinstance(l, LinearStateLayer) for l in output_cache(out).layers)
     assert sizes == {2 * 2 * 16 * 16 * 4 + 2 * 2 * 16 * 4}  # S + z per KV head (fp32); no K/V, nothing grows
 
 
@@ -205,7 +207,7 @@ def test_hybrid_prefill_decode_and_generate_match_reference(arch):
     with torch.no_grad():
         gen = _generate(model, ids[:, :8], am[:, :8], 4 * HYBRID["window"])
     _check_generate_against_reference(model, gen, am[:, :8])
-    for layer in gen.past_key_values.layers:  # bounded: window - 1 keys plus the state, however long it ran
+    for layer in output_cache(gen).layers:  # bounded: window - 1 keys plus the state, however long it ran
         assert type(layer).__name__ == "HybridStateLayer"
         assert layer.keys.shape[2] == HYBRID["window"] - 1 and layer.state_s is not None
 
@@ -260,7 +262,7 @@ def test_per_layer_mixture_forward_and_generate(arch):
             ref = _logits(model, ids, am, use_cache=False)
         assert torch.allclose(fast[keep], ref[keep], atol=TOL)
         out = _generate(model, ids, am, 12)
-    assert [type(l).__name__ for l in out.past_key_values.layers] == ["KVWindowLayer", "LinearStateLayer"]
+    assert [type(l).__name__ for l in output_cache(out).layers] == ["KVWindowLayer", "LinearStateLayer"]
     _check_generate_against_reference(model, out, am)
 
 
@@ -327,7 +329,7 @@ def test_unswap_restores_model_and_cache():
         after = _logits(model, ids, am)
         out = model(input_ids=ids, attention_mask=am, use_cache=True)
     assert torch.equal(before, after)
-    assert not any(isinstance(l, (KVWindowLayer, LinearStateLayer)) for l in out.past_key_values.layers)
+    assert not any(isinstance(l, (KVWindowLayer, LinearStateLayer)) for l in output_cache(out).layers)
 
 
 # ------------------------------------------------------------------ vanilla export (sliding_window)
@@ -548,6 +550,6 @@ def test_hybrid_beam_search_cache_equals_no_cache():
     with torch.no_grad():
         cached = model.generate(use_cache=True, **kw)
         fresh = model.generate(use_cache=False, **kw)
-    assert type(cached.past_key_values.layers[0]).__name__ == "HybridStateLayer"
+    assert type(output_cache(cached).layers[0]).__name__ == "HybridStateLayer"
     assert torch.equal(cached.sequences, fresh.sequences)
     assert torch.allclose(cached.sequences_scores, fresh.sequences_scores, atol=TOL)

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..hf_compat import output_cache
+
 
 @dataclass
 class KVBytes:
@@ -71,7 +73,7 @@ def measure_kv_bytes(cache: Any) -> KVBytes:
     """Bytes held by a transformers cache object (``DynamicCache`` or any ``Cache`` with ``.layers``).
 
     Args:
-        cache: the ``past_key_values`` a forward with ``use_cache=True`` returned. A legacy tuple of ``(k, v)`` pairs
+        cache: the cache a forward with ``use_cache=True`` returned. A legacy tuple of ``(k, v)`` pairs
             is accepted too.
 
     Raises:
@@ -244,7 +246,7 @@ def prefill_cache(model: nn.Module, input_ids: torch.Tensor) -> Any:
     types are measured with the cache they really use.
     """
     out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
-    cache = out.past_key_values
+    cache = output_cache(out)
     if cache is None:
         raise ValueError(f"{type(model).__name__} returned no cache with use_cache=True; it cannot decode incrementally")
     return cache

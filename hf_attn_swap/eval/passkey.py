@@ -27,6 +27,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from ..hf_compat import cache_kwarg, output_cache
+
 logger = logging.getLogger(__name__)
 
 INSTRUCTION = (
@@ -125,11 +127,11 @@ def make_keys(n: int, seed: int = 0) -> list[str]:
 def greedy_decode(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
     """Greedy decoding through the model's own cache (``generate()``-style); returns the new tokens ``(b, n)``."""
     out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
-    cache = out.past_key_values
+    cache, name = output_cache(out), cache_kwarg(model)
     nxt = out.logits[:, -1].argmax(-1, keepdim=True)
     new = [nxt]
     for _ in range(max_new_tokens - 1):
-        nxt = model(input_ids=nxt, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+        nxt = model(input_ids=nxt, **{name: cache}, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
         new.append(nxt)
     return torch.cat(new, dim=1)
 

@@ -30,6 +30,8 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from ..hf_compat import cache_kwarg, output_cache
+
 logger = logging.getLogger(__name__)
 
 
@@ -143,7 +145,7 @@ def _prefilled(model: nn.Module, ids: torch.Tensor) -> tuple[Any, torch.Tensor]:
     b = ids.shape[0]
     if b > 1 and bool((ids == ids[:1]).all()):
         out = model(input_ids=ids[:1], use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
+        cache = output_cache(out)
         try:
             cache.batch_repeat_interleave(b)
             if _batch_sizes_ok(cache, b):
@@ -151,7 +153,7 @@ def _prefilled(model: nn.Module, ids: torch.Tensor) -> tuple[Any, torch.Tensor]:
         except Exception as err:  # noqa: BLE001 - a custom cache layer without batch repeat: do it the slow way
             logger.debug("cache batch repeat failed (%s); prefilling the whole batch", err)
     out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-    return out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+    return output_cache(out), out.logits[:, -1].argmax(-1, keepdim=True)
 
 
 def _timed(fn: Callable[[], Any], device: torch.device) -> float:
@@ -258,7 +260,7 @@ def compare_speed(
 
             def step(name: str) -> None:
                 cache, nxt = state[name]
-                logits = models[name](input_ids=nxt, past_key_values=cache, use_cache=True).logits
+                logits = models[name](input_ids=nxt, **{cache_kwarg(models[name]): cache}, use_cache=True).logits
                 state[name][1] = logits[:, -1].argmax(-1, keepdim=True)
 
             for name in alive(names):

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..api import attention_sites, parse_layers, swap_record
+from ..hf_compat import CACHE_KWARGS
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +150,7 @@ def module_kwargs(model: nn.Module, input_ids: torch.Tensor) -> dict[str, Any]:
     seen: dict[str, Any] = {}
 
     def hook(_m, args, kwargs):
-        seen.update({k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "past_key_value")})
+        seen.update({k: v for k, v in kwargs.items() if k != "hidden_states" and k not in CACHE_KWARGS})
         raise _Stop
 
     h = sites[0].module.register_forward_pre_hook(hook, with_kwargs=True)

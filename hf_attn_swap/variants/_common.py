@@ -2,9 +2,9 @@
 
 Three facts shape this module (see ``shared/notes/transformers-hooks.md``):
 
-* An attention function never sees ``past_key_values``. These variants keep their own cache layer (a bounded window,
-  a recurrent state, or keys with their positions), so a forward pre-hook on each swapped attention module hands the
-  cache over and, on first use, replaces that layer's transformers cache layer with the variant's own. Masks and cache
+* An attention function never sees the cache (``cache``; ``past_key_values`` before transformers 5.24). These
+  variants keep their own cache layer (a bounded window, a recurrent state, or keys with their positions), so a
+  forward pre-hook on each swapped attention module hands the cache over and, on first use, replaces that layer's transformers cache layer with the variant's own. Masks and cache
   therefore change together, whatever ``config.layer_types`` says (Gemma-3 keys its RoPE and masks by layer type, so
   ``config`` is left alone).
 * The model-level mask is shared by every layer of a per-layer plan and its key columns need not be positions (a
@@ -22,6 +22,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from ..hf_compat import cache_in_kwargs
 from ..registry import layer_swap
 
 #: attribute on an attention module holding the cache handed over by the pre-hook for the current forward.
@@ -79,7 +80,7 @@ def _self_attention_cache(cache: Any) -> Any:
 
 
 def _stash_cache_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-    cache = kwargs.get("past_key_values", kwargs.get("layer_past"))
+    cache = cache_in_kwargs(kwargs)
     cache = _self_attention_cache(cache) if cache is not None else None
     if cache is not None:
         install_cache_layer(module, cache)
@@ -115,7 +116,7 @@ def install_cache_layer(module: nn.Module, cache: Any) -> None:
     if current.get_seq_length() > 0:
         raise ValueError(
             f"layer {idx} runs {swap.variant} but the cache passed in already holds {current.get_seq_length()} "
-            f"tokens in a {type(current).__name__}; start generation with a fresh cache (past_key_values=None or "
+            f"tokens in a {type(current).__name__}; start generation with a fresh cache (none, or "
             "DynamicCache(config=model.config))"
         )
     from transformers.cache_utils import StaticLayer
