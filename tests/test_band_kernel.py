@@ -126,6 +126,10 @@ def test_bad_layout_is_a_clear_error():
     q = torch.randn(1, 2, 10, 16)
     with pytest.raises(ValueError, match="q_offset"):
         band_cpu.band_attention(q, q, q, q_offset=5, window=4, scale=1.0)  # queries run past the keys
+    with pytest.raises(ValueError, match="float32"):
+        band_cpu.band_attention(q.double(), q.double(), q.double(), q_offset=0, window=4, scale=1.0)
+    with pytest.raises(ValueError, match="float32"):  # value shaped unlike key
+        band_cpu.band_attention(q, q, q[:, :, :5], q_offset=0, window=4, scale=1.0)
     with pytest.raises(ValueError, match="key_start"):  # sinks overlapping a tail that starts after 0
         band_cpu.band_attention(q, q, q, q_offset=0, window=4, scale=1.0, sink_key=q[:, :, :3],
                                 sink_value=q[:, :, :3], key_start=2)

@@ -143,6 +143,13 @@ def band_attention(
     """
     b, h, m, d = query.shape
     h_kv, n = key.shape[1], key.shape[2]
+    # The C side trusts pointers and strides: anything else here would read or write out of bounds.
+    if not (all(t.device.type == "cpu" and t.dtype == torch.float32 and t.stride(-1) == 1
+                for t in (query, key, value, *(() if out is None else (out,))))
+            and d % 16 == 0 and key.shape[0] == b and key.shape[-1] == d and value.shape == key.shape):
+        raise ValueError("band_attention: query (b, H, m, d), key and value (b, H_kv, n, d), all CPU float32 with a "
+                         f"contiguous last dimension and d a multiple of 16; got q{tuple(query.shape)} "
+                         f"k{tuple(key.shape)} v{tuple(value.shape)} {query.dtype}")
     if not (0 <= q_offset and q_offset + m <= n) or h % h_kv:
         raise ValueError(f"band_attention: need 0 <= q_offset and q_offset + queries <= keys and heads divisible "
                          f"by KV heads, got q_offset={q_offset}, queries={m}, keys={n}, heads={h}/{h_kv}")
@@ -160,6 +167,9 @@ def band_attention(
         raise ValueError("band_attention: sink_key/sink_value must be (b, H_kv, S, d) with a contiguous last "
                          f"dimension, and key must start at 0 or after the sinks (key_start={key_start}, S={n_sinks})")
     lib = _library()
+    if lib is None:
+        raise RuntimeError(f"the band kernel is not available here (see band_cpu.available() and the log); "
+                           f"{ENV}={os.environ.get(ENV)!r}")
     rc = lib.band_attention_f32(
         query.data_ptr(), key.data_ptr(), value.data_ptr(), out.data_ptr(), lse.data_ptr() if lse is not None else None,
         b, h, h_kv, m, n, d, *query.stride()[:3], *key.stride()[:3], *value.stride()[:3], *out.stride()[:3],
