@@ -247,6 +247,7 @@ def compare_speed(
             results[name]["prefill"].append({"length": int(n_tok), "batch": prefill_batch, **t.to_dict(),
                                              "tokens_per_s": prefill_batch * n_tok / (t.median_ms / 1e3)})
 
+    cache_names = {name: cache_kwarg(m) for name, m in models.items()}  # not inside the timed step
     for c in decode_contexts:
         for b in decode_batch_sizes:
             ids = _ids(first, int(b), int(c), input_ids)
@@ -260,7 +261,7 @@ def compare_speed(
 
             def step(name: str) -> None:
                 cache, nxt = state[name]
-                logits = models[name](input_ids=nxt, **{cache_kwarg(models[name]): cache}, use_cache=True).logits
+                logits = models[name](input_ids=nxt, **{cache_names[name]: cache}, use_cache=True).logits
                 state[name][1] = logits[:, -1].argmax(-1, keepdim=True)
 
             for name in alive(names):

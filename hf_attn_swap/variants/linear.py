@@ -155,8 +155,12 @@ def chunked_linear_terms(
     b, h, n, _ = q_feat.shape
     dv = value.shape[-1]
     nums, dens = [], []
-    s, z = _linear_chunks(q_feat, k_feat, value, state_s, state_z, chunk_size,
-                          lambda c0, c1, num, den: (nums.append(num), dens.append(den)))
+
+    def keep(c0: int, c1: int, num: torch.Tensor, den: torch.Tensor) -> None:
+        nums.append(num)
+        dens.append(den)
+
+    s, z = _linear_chunks(q_feat, k_feat, value, state_s, state_z, chunk_size, keep)
     num = torch.cat(nums, dim=-2).reshape(b, h, n, dv).transpose(1, 2)
     den = torch.cat(dens, dim=-2).reshape(b, h, n, 1).transpose(1, 2)
     return num, den, s, z
