@@ -133,6 +133,25 @@ def test_per_layer_stage_on_two_processes_equals_one_process_and_only_rank0_writ
     assert mine["ppl_converted"] == saved["ppl_converted"]  # one conversion, broadcast: the same converted model
 
 
+def test_output_folder_check_in_one_process(base, tmp_path):
+    """The same rule without a launcher: refused before the model is loaded, unchanged; --resume or overwrite pass."""
+    from hf_attn_swap.train.stages import RunContext
+
+    out = tmp_path / "taken"
+    (out / "checkpoint-4").mkdir(parents=True)
+    (out / "notes.txt").write_text("mine\n")
+    before = sorted((p.relative_to(out), p.stat().st_mtime_ns) for p in out.rglob("*"))
+    with pytest.raises(ValueError, match=r"holds a previous run \(checkpoint-4\): pass --resume"):
+        uptrain(config(base, out, model=str(tmp_path / "no-such-model")))  # would fail later if it got that far
+    assert sorted((p.relative_to(out), p.stat().st_mtime_ns) for p in out.rglob("*")) == before
+    RunContext(out, resume=True).check_output_dir()
+    RunContext(out).check_output_dir(overwrite=True)
+    RunContext(tmp_path / "fresh").check_output_dir()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("not a run\n")
+    RunContext(tmp_path / "other").check_output_dir()  # files of another kind are not a previous run
+
+
 def test_output_folder_with_another_run_is_refused_on_every_process_before_any_work(base, tmp_path):
     out = tmp_path / "taken"
     (out / "final").mkdir(parents=True)
@@ -146,6 +165,18 @@ def test_output_folder_with_another_run_is_refused_on_every_process_before_any_w
     assert "Traceback" not in "\n".join(ln for ln in proc.stderr.splitlines() if "hf-attn-swap" in ln)
     assert sorted((p.relative_to(out), p.stat().st_mtime_ns) for p in out.rglob("*")) == before
     assert writes == {0: [], 1: []}
+
+
+def test_a_conversion_failing_on_the_main_process_stops_every_process(base, tmp_path):
+    """The conversion runs on the main process only: when it fails there, the other process must not wait forever
+    for the broadcast; both stop with one line and nothing is written."""
+    out = tmp_path / "never"
+    proc, writes = launch(config(base, out, conversion_tokens=0), tmp_path)  # fit without calibration text
+    assert proc.returncode != 0
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("hf-attn-swap uptrain: error:")]
+    assert len(lines) == 2 and all("needs calibration text" in ln for ln in lines), proc.stderr[-3000:]
+    assert sum("conversion failed on the main process" in ln for ln in lines) == 1  # what the other process says
+    assert not out.exists() and writes == {0: [], 1: []}
 
 
 def test_end_to_end_on_two_processes_finishes_writes_once_and_resumes(base, tmp_path):
@@ -172,3 +203,17 @@ def test_end_to_end_on_two_processes_finishes_writes_once_and_resumes(base, tmp_
     resumed = load_swapped(out / "final").state_dict()
     for name, t in first.items():
         torch.testing.assert_close(resumed[name], t, rtol=0, atol=1e-6)
+
+
+def test_fsdp_configs_are_accelerate_configs():
+    """recipes/configs/fsdp_*.yaml load with accelerate's own loader as FSDP2, and start with their launch command."""
+    from accelerate.commands.config.config_args import ClusterConfig
+    from accelerate.utils import DistributedType
+
+    configs = sorted((ROOT / "recipes" / "configs").glob("fsdp_*.yaml"))
+    assert configs
+    for path in configs:
+        cfg = ClusterConfig.from_yaml_file(str(path))
+        assert cfg.distributed_type == DistributedType.FSDP and cfg.fsdp_config["fsdp_version"] == 2, path.name
+        first = path.read_text().splitlines()[0]
+        assert f"--config_file recipes/configs/{path.name} recipes/uptrain.py" in first, path.name

@@ -273,17 +273,30 @@ def train_end_to_end(student: nn.Module, teacher: nn.Module | None, blocks: torc
         lm_weight=cfg.lm_weight, kl_weight=cfg.kl_weight, attn_weight=cfg.attn_weight, temperature=cfg.temperature,
     )
     ckpt = resume if isinstance(resume, str) else (True if resume and _has_checkpoint(cfg.output_dir) else None)
+    # Under FSDP (accelerate launch --config_file recipes/configs/fsdp_*.yaml) training shards the parameters in
+    # place; an unsharded copy taken now receives the gathered full weights afterwards.
+    template = copy.deepcopy(model) if getattr(trainer, "is_fsdp_enabled", False) else None
     trainer.train(resume_from_checkpoint=ckpt)
     log = [dict(e) for e in trainer.state.log_history]
     seen = int(trainer.state.num_input_tokens_seen or trainer.state.global_step * cfg.batch_size * cfg.grad_accum
                * blocks.shape[1])
-    model = trainer.model
+    model = trainer.model if template is None else _unshard(trainer, template)
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()  # LoRA folded into the weights: saves as a plain model
     for p in model.parameters():
         p.requires_grad_(False)
     model.eval()
     return model, log, seen
+
+
+def _unshard(trainer: Any, template: nn.Module) -> nn.Module:
+    """The FSDP-trained weights, gathered in full (a collective: every process calls it) into ``template``."""
+    from .stages import RunContext
+
+    ctx = RunContext.from_accelerate(trainer.args.output_dir)
+    full = trainer.accelerator.get_state_dict(trainer.model)  # full on the main process, CPU; empty elsewhere
+    template.load_state_dict(ctx.share(full if ctx.is_main else None), strict=True)
+    return template
 
 
 def _has_checkpoint(output_dir: str) -> bool:

@@ -221,13 +221,19 @@ class ConvertStage(Stage):
         variant, options = self.cfg.swap_spec()
         payload = None
         if ctx.is_main:
-            swap_attention(run.student, variant, calibration=run.calib if run.calib.numel() else None, **options)
+            try:
+                swap_attention(run.student, variant, calibration=run.calib if run.calib.numel() else None, **options)
+            except Exception as err:
+                ctx.share(("error", f"conversion failed on the main process: {err}"))  # the others stop too
+                raise
             if ctx.distributed:
-                payload = (swap_record(run.student).to_dict(), run.student.state_dict())
+                payload = ("ok", (swap_record(run.student).to_dict(), run.student.state_dict()))
         if ctx.distributed:
-            record, state = ctx.share(payload)
+            status, data = ctx.share(payload)
+            if status == "error":
+                raise ValueError(data)
             if not ctx.is_main:
-                rebuild_swap(run.student, record, state)
+                rebuild_swap(run.student, *data)
         run.tokens += run.calib.numel()
 
 
@@ -285,24 +291,33 @@ class LayerwiseStage(Stage):
         mine = ctx.owned_layers(layers)
         run.student.to(ctx.device)
         run.teacher.to(ctx.device)
-        local = None
+        local, error = None, None
         if mine:
-            local = layerwise_transfer(run.student, run.teacher, run.layerwise_ids, layers=mine,
-                                       trainable=cfg.layerwise_trainable, steps=cfg.layerwise_steps,
-                                       lr=cfg.layerwise_lr, batch_rows=cfg.layerwise_rows, seed=cfg.seed,
-                                       progress=cfg.progress and ctx.is_main)
-            for s in local.layers:
-                s.rank = ctx.rank
+            try:
+                local = layerwise_transfer(run.student, run.teacher, run.layerwise_ids, layers=mine,
+                                           trainable=cfg.layerwise_trainable, steps=cfg.layerwise_steps,
+                                           lr=cfg.layerwise_lr, batch_rows=cfg.layerwise_rows, seed=cfg.seed,
+                                           progress=cfg.progress and ctx.is_main)
+            except Exception as err:
+                if not ctx.distributed:
+                    raise
+                error = f"per-layer stage failed on process {ctx.rank} (layers {mine}): {err}"
+            else:
+                for s in local.layers:
+                    s.rank = ctx.rank
         sites = attention_sites(run.student)
         if ctx.distributed:
             # Each process sends the attention modules it trained; CPU copies pickle the same under gloo and NCCL.
             weights = {i: {k: v.detach().cpu() for k, v in sites[i].module.state_dict().items()} for i in mine}
-            parts = ctx.gather((local, weights))
-            for rank, (_, theirs) in enumerate(parts):
+            parts = ctx.gather((local, weights, error))
+            failed = [e for _, _, e in parts if e]
+            if failed:  # every process stops with the same message instead of waiting for the failed one
+                raise ValueError(failed[0])
+            for rank, (_, theirs, _) in enumerate(parts):
                 if rank != ctx.rank:
                     for i, sd in theirs.items():
                         sites[i].module.load_state_dict(sd, strict=True)
-            done = [p for p, _ in parts if p is not None]
+            done = [p for p, _, _ in parts if p is not None]
         else:
             done = [local]
         merged = LayerwiseResult(layers=sorted((s for p in done for s in p.layers), key=lambda s: s.layer),
