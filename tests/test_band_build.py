@@ -186,9 +186,10 @@ def test_world_writable_cache_is_refused_and_the_kernel_falls_back(tmp_path, mon
         band_cpu.build()
     assert not list((cache / "kernels").glob("*.so"))
     cache.chmod(0o755)
-    (cache / "kernels").chmod(0o775)  # the kernels folder itself, group-writable
+    (cache / "kernels").chmod(0o757)  # the kernels folder itself, world-writable
     with pytest.raises(band_cpu.KernelBuildError, match="kernels folder .* writable by other users"):
         band_cpu.build()
+    (cache / "kernels").chmod(0o700)
     if band_cpu.unavailable_reason(check_compiler=False) is None:
         cache.chmod(0o777)
         band_cpu._library.cache_clear()
@@ -250,3 +251,17 @@ def test_unavailable_reason_names_what_is_missing(monkeypatch):
     monkeypatch.setenv("CC", "no-such-compiler-xyz")
     assert "no C compiler" in band_cpu.unavailable_reason()
     assert band_cpu.unavailable_reason(check_compiler=False) is None
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a folder to another group needs root")
+def test_group_write_is_refused_unless_the_group_is_private(tmp_path, monkeypatch):
+    FakeCC(tmp_path, monkeypatch)
+    out = tmp_path / "kernels"
+    out.mkdir()
+    out.chmod(0o775)
+    own_group_is_private = band_cpu._private_group(os.getegid())
+    if own_group_is_private:  # e.g. root:root here, or alice:alice with umask 002 on Ubuntu
+        assert band_cpu.build(out).exists()
+    os.chown(out, -1, 65534)  # nogroup: other users may be in it
+    with pytest.raises(band_cpu.KernelBuildError, match="kernels folder .* writable by other users .*mode 775"):
+        band_cpu.build(out)

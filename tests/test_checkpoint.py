@@ -210,8 +210,8 @@ def test_truncated_sidecar_is_an_error_naming_the_file_and_the_json_problem(tmp_
     side = ckpt / SIDECAR
     text = side.read_text()
     side.write_text(text[: len(text) // 2] if cut == "half" else "")
-    with pytest.raises(CheckpointIntegrityError, match=rf"{side} is not valid JSON \(.* at line \d+ column \d+\): it is "
-                       "truncated or damaged"):
+    with pytest.raises(CheckpointIntegrityError,
+                       match=rf"{side} is not valid JSON \(.* at line \d+ column \d+\): it is truncated or damaged"):
         load_swapped(ckpt)
 
 
@@ -222,8 +222,8 @@ def test_sidecar_with_an_edited_window_is_refused(tmp_path):
     data = json.loads(side.read_text())
     data["record"]["steps"][0]["options"]["window"] = 8
     side.write_text(json.dumps(data, indent=2))
-    with pytest.raises(CheckpointIntegrityError, match=rf"{side} was changed after saving: the sha256 of its content is "
-                       r"[0-9a-f]{16}\.\.\., the recorded sidecar_sha256 is [0-9a-f]{16}"):
+    with pytest.raises(CheckpointIntegrityError, match=rf"{side} was changed after saving: the sha256 of its content "
+                       r"is [0-9a-f]{16}\.\.\., the recorded sidecar_sha256 is [0-9a-f]{16}"):
         load_swapped(ckpt)
 
 
@@ -311,7 +311,8 @@ def test_save_refuses_a_folder_with_a_users_file_and_leaves_it(tmp_path):
         with pytest.raises(OutputDirError, match=rf"{target} is not a checkpoint \(thesis.tex\); saving replaces the "
                            "whole folder and would delete them, even with overwrite"):
             save_swapped(model, target, overwrite=overwrite)
-    assert [p.name for p in target.iterdir()] == ["thesis.tex"] and (target / "thesis.tex").read_text() == "years of work"
+    assert [p.name for p in target.iterdir()] == ["thesis.tex"]
+    assert (target / "thesis.tex").read_text() == "years of work"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # no temp folder left beside it
 
 

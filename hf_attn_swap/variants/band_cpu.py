@@ -18,7 +18,8 @@ Build safety, because the library is loaded into this process and runs with its 
 - the compiler writes into a private temporary folder beside the target (also its ``TMPDIR``), the result is renamed
   into place, and the temporary folder is removed on any failure or interrupt;
 - a kernels folder (or its parent) that other users can write to or that we do not own, and a library that we do not
-  own or that others can write, are refused: the callers fall back to SDPA with one WARNING;
+  own or that others can write, are refused: the callers fall back to SDPA with one WARNING (group write is allowed
+  only for a user private group, the Debian/Ubuntu default, which no other user belongs to);
 - after a successful build, libraries built from other versions of the source are removed.
 """
 
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import fcntl
 import functools
 import hashlib
 import logging
@@ -108,6 +108,23 @@ def _timeout() -> float:
     return value
 
 
+def _private_group(gid: int) -> bool:
+    """A user private group (Debian/Ubuntu's default with umask 002): our own primary group, named after us, with no
+    other members. Group write there lets no other user in, so it is not refused."""
+    import grp  # POSIX only, like everything on the build path (the kernel itself needs /proc/cpuinfo)
+    import pwd
+
+    try:
+        group, user = grp.getgrgid(gid), pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return False
+    return gid == os.getegid() and group.gr_name == user and set(group.gr_mem) <= {user}
+
+
+def _others_can_write(st: os.stat_result) -> bool:
+    return bool(st.st_mode & stat.S_IWOTH or (st.st_mode & stat.S_IWGRP and not _private_group(st.st_gid)))
+
+
 def _check_private(path: Path, what: str, *, allow_sticky: bool = False) -> None:
     """Refuse ``path`` if another user owns it or can write to it (they could swap the library we load)."""
     st = path.stat()
@@ -115,14 +132,14 @@ def _check_private(path: Path, what: str, *, allow_sticky: bool = False) -> None
         raise KernelBuildError(f"{what} {path} is owned by uid {st.st_uid}, not by you (uid {os.geteuid()}): "
                                f"refusing to build or load the kernel there (set {ENV}=0 or fix the owner)")
     sticky = allow_sticky and st.st_mode & stat.S_ISVTX
-    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not sticky:
+    if _others_can_write(st) and not sticky:
         raise KernelBuildError(f"{what} {path} is writable by other users (mode {stat.S_IMODE(st.st_mode):o}): "
                                f"refusing to build or load the kernel there (chmod go-w it, or set {ENV}=0)")
 
 
 def _check_library(lib: Path) -> None:
     st = lib.stat()
-    if st.st_uid != os.geteuid() or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+    if st.st_uid != os.geteuid() or _others_can_write(st):
         raise KernelBuildError(f"{lib} is owned by uid {st.st_uid} with mode {stat.S_IMODE(st.st_mode):o}; only a "
                                "library you own and nobody else can write is loaded (delete it to rebuild)")
 
@@ -130,6 +147,8 @@ def _check_library(lib: Path) -> None:
 @contextlib.contextmanager
 def _build_lock(out_dir: Path, wait_s: float) -> Iterator[None]:
     """Hold an exclusive ``flock`` on the kernels folder's lock file (per open file, so threads exclude too)."""
+    import fcntl
+
     fd = os.open(out_dir / _LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         deadline = time.monotonic() + wait_s
