@@ -7,6 +7,11 @@ accepted one must reach it (so the check is neither skipped nor too strict).
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -66,18 +71,46 @@ def test_a_path_that_is_or_is_under_a_regular_file_is_refused(tmp_path, kind):
     assert f.read_text() == "x"
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere: os.access reports a read-only folder "
-                    "writable, so the refusal cannot happen for root (the message is tested below via os.access)")
-def test_a_read_only_parent_is_refused(tmp_path):
-    ro = tmp_path / "ro"
+_AS_NOBODY = """
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("outputs", sys.argv[1])
+mod = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(mod)  # outputs.py imports only the standard library
+for kind in ("checkpoint", "eval", "run"):
+    try:
+        mod.check_output_dir(sys.argv[2], kind=kind)
+    except mod.OutputDirError as err:
+        print(err)
+"""
+
+
+def test_a_read_only_parent_is_refused():
+    """For real: as this user, or (os.access allows root nearly everything) as nobody through setpriv."""
+    base = Path(tempfile.mkdtemp())
+    ro = base / "ro"
     ro.mkdir()
     ro.chmod(0o555)
     try:
-        for kind in ("checkpoint", "eval", "run"):
-            with pytest.raises(OutputDirError, match=rf"cannot write in {ro} \(permission denied\)"):
-                check_output_dir(ro / "out", kind=kind)
+        if os.geteuid() != 0:
+            for kind in ("checkpoint", "eval", "run"):
+                with pytest.raises(OutputDirError, match=rf"^cannot write in {ro} \(permission denied\)"):
+                    check_output_dir(ro / "out", kind=kind)
+            return
+        setpriv = shutil.which("setpriv")
+        python = next((p for p in (sys.executable, "/usr/bin/python3") if os.access(p, os.X_OK) and subprocess.run(
+            [setpriv or "false", "--reuid=65534", "--regid=65534", "--clear-groups", p, "-c", "pass"],
+            capture_output=True).returncode == 0), None)
+        if python is None:
+            pytest.skip("running as root without setpriv or a Python that uid 65534 can run: os.access would allow "
+                        "root to write the read-only folder, so the refusal cannot be observed")
+        base.chmod(0o755)
+        res = subprocess.run([setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", python, "-c", _AS_NOBODY,
+                              outputs.__file__, str(ro / "out")], capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.splitlines() == [f"cannot write in {ro} (permission denied): choose a folder you can "
+                                           "write to"] * 3
     finally:
-        ro.chmod(0o755)
+        shutil.rmtree(base)
 
 
 def test_writability_is_checked_on_the_right_folder(tmp_path, monkeypatch):
