@@ -92,8 +92,11 @@ def _vanilla_form(model: nn.Module) -> tuple[Any, dict[str, torch.Tensor] | None
 
 
 def _sha256(file: Path) -> str:
-    with open(file, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
+    digest = hashlib.sha256()
+    with open(file, "rb") as fh:  # hashlib.file_digest is 3.11+; the package supports 3.10
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _content_digest(sidecar: dict[str, Any]) -> str:
