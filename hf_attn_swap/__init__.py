@@ -55,3 +55,16 @@ from .eval import PerplexityResult, perplexity, perplexity_of_text  # noqa: E402
 from .eval.compare import EvalConfig, run_comparison  # noqa: E402
 
 __all__ += ["EvalConfig", "PerplexityResult", "perplexity", "perplexity_of_text", "run_comparison"]
+
+# Files on disk: saving/loading swapped models with verified hashes, and the output-folder check every writer runs.
+from .checkpoint import (  # noqa: E402
+    CheckpointIntegrityError,
+    SidecarMismatchError,
+    load_swapped,
+    save_swapped,
+    verify_checkpoint,
+)
+from .outputs import OutputDirError, check_output_dir  # noqa: E402
+
+__all__ += ["CheckpointIntegrityError", "OutputDirError", "SidecarMismatchError", "check_output_dir", "load_swapped",
+            "save_swapped", "verify_checkpoint"]

@@ -25,6 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--context", type=int, default=512, help="perplexity window")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--out", default=None, help="save the converted model here (atomic, with sidecar)")
+    p.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in --out")
     p.set_defaults(func=run)
 
 
@@ -37,8 +38,12 @@ def run(args: argparse.Namespace) -> int:
     from ..checkpoint import save_swapped
     from ..data import load_text, token_blocks, tokenize
     from ..specs import parse_variant_list
+    from ..outputs import CHECKPOINT_KIND, check_output_dir
     from ..zoo import load_model
 
+    overwrite = getattr(args, "overwrite", False)
+    if args.out:  # before loading anything: a bad --out must not cost a conversion
+        check_output_dir(args.out, overwrite=overwrite, kind=CHECKPOINT_KIND)
     if args.threads:
         torch.set_num_threads(args.threads)
     specs = parse_variant_list(args.variant)
@@ -89,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         report["embedding_cosine"] = round(cos, 4)
         echo(f"sentence-embedding cosine to the original: {cos:.4f} ({len(held)} held-out sentences)")
     if args.out:
-        save_swapped(model, args.out, tokenizer=tok)
+        save_swapped(model, args.out, tokenizer=tok, overwrite=overwrite)
         echo(f"saved to {args.out}")
     echo(json.dumps(report, indent=2))
     return 0

@@ -43,6 +43,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="short name (smollm2-135m) or local model directory")
     p.add_argument("--variants", help="e.g. 'gqa:groups=1,sliding_window:window=256' (baseline is always added)")
     p.add_argument("--out", help="output directory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty --out that holds no previous results (its files are left alone)")
     p.add_argument("--corpus", help="corpus name (shakespeare, kjv, sotu, wikitext-2) or a .txt file/directory")
     p.add_argument("--split", choices=["train", "validation", "all"], help="corpus split for perplexity")
     p.add_argument("--max-tokens", type=int, help="perplexity tokens")
@@ -85,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, overrides_from_args(args))
     except FileNotFoundError as err:
         raise ValueError(f"config file not found: {err.filename}") from None
-    records = run_comparison(cfg)
+    records = run_comparison(cfg, overwrite=args.overwrite)
     for r in records:
         if r.get("status") != "ok":
             echo(f"{r['variant']}: {r['status']}: {r.get('reason')}")

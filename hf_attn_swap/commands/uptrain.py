@@ -20,6 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", help="a YAML or JSON UptrainConfig file (defaults otherwise)")
     p.add_argument("--resume", nargs="?", const=True, default=False,
                    help="continue the run in output_dir (its latest checkpoint, or the checkpoint path given)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in an output_dir that holds a previous run or other files (never deletes them)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. tokens=50000 lr=1e-4")
     p.set_defaults(func=run)
@@ -33,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         echo(cfg.to_yaml(), end="")
         return 0
-    result = uptrain(cfg, resume=args.resume)
+    result = uptrain(cfg, resume=args.resume, overwrite=args.overwrite)
     summary = {k: result.to_dict()[k] for k in ("ppl_original", "ppl_converted", "ppl_uptrained", "recovery",
                                                   "tokens", "seconds", "output_dir")}
     echo(json.dumps(summary, indent=2))

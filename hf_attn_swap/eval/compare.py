@@ -419,6 +419,7 @@ def run_comparison(
     model: torch.nn.Module | None = None,
     tokenizer: Any = None,
     write: bool = True,
+    overwrite: bool = False,
 ) -> list[dict[str, Any]]:
     """Evaluate the baseline and every variant of ``cfg``; write the reports into ``cfg.out``.
 
@@ -427,17 +428,24 @@ def run_comparison(
         model: an already loaded baseline (else ``cfg.model`` is loaded); it is never modified.
         tokenizer: its tokenizer (needed with ``model``).
         write: write ``results.json``, ``results.csv``, ``results.md``, ``pareto.png`` and ``run.json``.
+        overwrite: write them into a non-empty ``cfg.out`` that holds no previous comparison (its files are left
+            alone); checked before anything is loaded.
 
     Returns:
         One record per variant (baseline first); see :mod:`hf_attn_swap.eval.report` for the fields.
 
     Raises:
-        ValueError: invalid variants/options (before loading), an empty corpus, lengths beyond the model's context.
+        ValueError: invalid variants/options or an ``cfg.out`` it may not write (both before loading), an empty
+            corpus, lengths beyond the model's context.
     """
     from ..data import load_text, tokenize
     from .speed import environment, num_threads
 
     t_start = time.perf_counter()
+    if write:
+        from ..outputs import EVAL_KIND, check_output_dir
+
+        check_output_dir(cfg.out, overwrite=overwrite, kind=EVAL_KIND)
     skip = check_variants(cfg)
     torch.manual_seed(cfg.seed)
     if model is None:
