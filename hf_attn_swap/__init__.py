@@ -55,3 +55,8 @@ from .eval import PerplexityResult, perplexity, perplexity_of_text  # noqa: E402
 from .eval.compare import EvalConfig, run_comparison  # noqa: E402
 
 __all__ += ["EvalConfig", "PerplexityResult", "perplexity", "perplexity_of_text", "run_comparison"]
+
+# Progress bars (off in the library, on in the CLI): hf_attn_swap.progress.enable() / HF_ATTN_SWAP_PROGRESS=1.
+from . import progress  # noqa: E402
+
+__all__ += ["progress"]
