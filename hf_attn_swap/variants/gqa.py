@@ -175,7 +175,8 @@ def convert_gqa(model: torch.nn.Module, config: GQAConfig | MQAConfig, layers: l
     gen = torch.Generator().manual_seed(int(getattr(config, "seed", 0)))
     blocks = []
     lossy = False
-    for site, cov in progress(list(zip(chosen, covariances)), desc=f"{strategy} K/V heads -> {groups}", unit="layer"):
+    pairs = list(zip(chosen, covariances))  # a bar per layer, except when only reshaping for a load (instant)
+    for site, cov in pairs if structure_only else progress(pairs, desc=f"{strategy} K/V heads -> {groups}", unit="layer"):
         p = read_projections(site.module, site.parent, adapter, head_dim=site.head_dim)
         if site.num_kv_heads != groups:
             lossy = True
