@@ -68,3 +68,8 @@ from .outputs import OutputDirError, check_output_dir  # noqa: E402
 
 __all__ += ["CheckpointIntegrityError", "OutputDirError", "SidecarMismatchError", "check_output_dir", "load_swapped",
             "save_swapped", "verify_checkpoint"]
+
+# Progress bars (off in the library, on in the CLI): hf_attn_swap.progress.enable() / HF_ATTN_SWAP_PROGRESS=1.
+from . import progress  # noqa: E402
+
+__all__ += ["progress"]

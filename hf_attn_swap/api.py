@@ -155,6 +155,13 @@ def _plan(variant: Any, layers: Any, options: dict[str, Any], n: int) -> list[tu
 def swap_attention(model: nn.Module, variant: Any, *, layers: Any = None, calibration: Any = None, **options: Any) -> nn.Module:
     """Switch ``model``'s attention to ``variant`` in place and return the model.
 
+    Time: attention-only variants swap instantly; ``gqa``/``mqa`` with ``strategy="fit"`` runs the calibration text
+    through the model and a small solve per layer (SmolLM2-135M, 4096 tokens: about 33 s on one CPU thread). On a busy
+    or small CPU torch's default thread count (one per core) can be much slower than one thread, because the threads
+    wait for each other while other processes hold the cores: the same fit took 262-421 s with the default on a shared
+    2-core machine. Call ``torch.set_num_threads(1)`` there (the result is the same). Progress bars, per calibration
+    batch and per layer: ``hf_attn_swap.progress.enable()``.
+
     Args:
         model: a loaded transformers model of a supported ``model_type`` (see ``hf_attn_swap.convert.adapters``).
         variant: a registered name (``"gqa"``, ``"mqa"``, ...), a :class:`VariantConfig`, a ``(name, options)``

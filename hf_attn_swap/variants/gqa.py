@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from ..configs import VariantConfig
 from ..convert.adapters import get_adapter
 from ..convert.calibrate import input_second_moments
+from ..progress import progress
 from ..convert.pooling import STRATEGIES, convert_projections, rotary_dims_of
 from ..convert.projections import build_new_modules, commit, find_attention, read_projections
 from ..reference import causal_bool_mask, reference_attention
@@ -174,7 +175,8 @@ def convert_gqa(model: torch.nn.Module, config: GQAConfig | MQAConfig, layers: l
     gen = torch.Generator().manual_seed(int(getattr(config, "seed", 0)))
     blocks = []
     lossy = False
-    for site, cov in zip(chosen, covariances):
+    pairs = list(zip(chosen, covariances))  # a bar per layer, except when only reshaping for a load (instant)
+    for site, cov in pairs if structure_only else progress(pairs, desc=f"{strategy} K/V heads -> {groups}", unit="layer"):
         p = read_projections(site.module, site.parent, adapter, head_dim=site.head_dim)
         if site.num_kv_heads != groups:
             lossy = True
