@@ -493,17 +493,17 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, prefix: str
         flags = [dashed] + ["--" + a.replace("_", "-") for a in f.metadata.get("aliases", ())]
         helptext = describe(f, tp).replace("%", "%%")
         dest = DEST_PREFIX + key
-        if base is bool:
-            group.add_argument(*flags, dest=dest, nargs="?", const="true", default=argparse.SUPPRESS,
-                               metavar="true|false", help=helptext)
+        if base is bool:  # --flag / --no-flag: a flag that takes no value cannot swallow a trailing KEY=VALUE
+            group.add_argument(*flags, dest=dest, action="store_const", const="true", default=argparse.SUPPRESS,
+                               help=helptext)
             group.add_argument("--no-" + dashed[2:], dest=dest, action="store_const", const="false",
-                               default=argparse.SUPPRESS, help=f"same as {dashed} false")
+                               default=argparse.SUPPRESS, help=f"{key}=false")
         else:
             group.add_argument(*flags, dest=dest, default=argparse.SUPPRESS, metavar=type_name(tp).replace(" ", ""),
                                help=helptext)
         if "_" in key:  # the spelling used in YAML files and overrides also works as a flag (not listed twice)
             group.add_argument("--" + key, dest=dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS,
-                               **({"nargs": "?", "const": "true"} if base is bool else {}))
+                               **({"action": "store_const", "const": "true"} if base is bool else {}))
     for f, sub in sections:
         add_config_arguments(parser, sub, prefix + f.name + ".")
 

@@ -17,7 +17,8 @@ def test_variants_lists_every_variant_with_options(capsys):
     out = capsys.readouterr().out
     for name in ("gqa", "mqa", "sliding_window", "linear", "flash", "sparse"):
         assert name in out
-    assert "groups (int, default 1)" in out and "strategy (str, default \"mean\"; one of: mean, first, random, fit)" in out
+    assert "groups (int, default 1)" in out
+    assert 'strategy (str, default "mean"; one of: mean, first, random, fit)' in out
 
 
 @pytest.fixture()

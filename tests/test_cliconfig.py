@@ -116,7 +116,8 @@ def test_yaml_1_1_floats_and_direct_construction_are_typed(tmp_path):
 def test_precedence_defaults_file_flags_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("lr: 1.0e-3\ntokens: 500\nseed: 7\nthreads: 2\n")
-    args = build_parser().parse_args(["uptrain", "--config", str(path), "--lr", "2e-3", "--tokens", "600", "tokens=700"])
+    argv = ["uptrain", "--config", str(path), "--lr", "2e-3", "--tokens", "600", "tokens=700"]
+    args = build_parser().parse_args(argv)
     cfg = config_from_args(UptrainConfig, args)
     assert cfg.seed == 7 and cfg.threads == 2  # file over defaults
     assert cfg.lr == 2e-3  # flag over file
@@ -139,6 +140,19 @@ def test_saved_configs_load_back(tmp_path):
     assert EvalConfig.from_dict(json.loads((tmp_path / "run.json").read_text())["config"]) == ev
     (tmp_path / "printed.yaml").write_text(cliconfig.dump_yaml(ev))
     assert load_config(tmp_path / "printed.yaml") == ev
+
+
+def _committed_run_configs() -> list[Path]:
+    return [p for p in sorted((ROOT / "results").rglob("*.json")) if '"config"' in p.read_text()]
+
+
+@pytest.mark.parametrize("path", _committed_run_configs(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_committed_run_configs_still_load(path):
+    """Configs saved by earlier runs (results/*.json, results/*/run.json) load under the strict loader."""
+    data = json.loads(path.read_text())
+    config = data["config"] if "config" in data else data["meta"]["config"]
+    cls = UptrainConfig if "kl_weight" in config else EvalConfig
+    assert cliconfig.to_dict(cls.from_dict(config)).keys() >= config.keys()
 
 
 def test_missing_or_broken_config_file_is_one_clear_error(tmp_path):
@@ -166,7 +180,8 @@ def _help(*argv: str) -> tuple[str, set[str]]:
     return proc.stdout, modules
 
 
-@pytest.mark.parametrize("command", [[], ["uptrain"], ["eval"], ["convert"], ["variants"]], ids=lambda c: c[0] if c else "top")
+@pytest.mark.parametrize("command", [[], ["uptrain"], ["eval"], ["convert"], ["variants"]],
+                         ids=lambda c: c[0] if c else "top")
 def test_help_imports_neither_torch_nor_transformers(command):
     out, modules = _help(*command)
     assert "hf_attn_swap.cli" in modules or "hf_attn_swap.commands" in modules  # importtime did record our imports
@@ -187,6 +202,15 @@ def test_help_lists_every_option_with_type_and_default():
     out, _ = _help("convert")
     assert all(flag + " " in out for flag in flags_of(ConvertConfig))
     assert "--threads int|null" in out and "default: 1" in out
+
+
+@pytest.mark.parametrize("recipe, cls", [("eval_ppl_speed.py", EvalConfig), ("uptrain.py", UptrainConfig)])
+def test_recipes_share_the_config_and_its_help(recipe, cls):
+    proc = subprocess.run([sys.executable, "-X", "importtime", str(ROOT / "recipes" / recipe), "--help"],
+                          capture_output=True, text=True, cwd=ROOT, check=True,
+                          env={**os.environ, "COLUMNS": "300", "PYTHONPATH": str(ROOT)})  # this checkout's package
+    assert all(flag + " " in proc.stdout for flag in flags_of(cls))
+    assert not [line for line in proc.stderr.splitlines() if line.rstrip().endswith(("| torch", "| transformers"))]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@
 * :mod:`.speed` - prefill latency and cached decode tokens/s (warm-up, repeats, median, IQR; threads recorded).
 * :mod:`.memory` - KV-cache bytes measured from the cache object and computed analytically; peak memory.
 * :mod:`.passkey` - passkey retrieval at several lengths and depths.
-* :mod:`.compare` - the comparison driver (config, run) used by ``hf-attn-swap eval`` and ``recipes/eval_ppl_speed.py``.
+* :mod:`.config` - the comparison's typed config (torch-free: ``--help`` stays fast).
+* :mod:`.compare` - the comparison run, used by ``hf-attn-swap eval`` and ``recipes/eval_ppl_speed.py``.
 * :mod:`.notes` - ratios vs the baseline and the caveats that keep them honest.
 * :mod:`.report` - results.json / .csv / .md and the Pareto plot.
 """
