@@ -9,7 +9,7 @@ defaults < ``--config`` file < flags < ``key=value`` overrides.
 
 Why this module and not ``HfArgumentParser`` or OmegaConf: ``HfArgumentParser`` imports transformers (and torch,
 about a second), and ``hf-attn-swap --help`` must not import either. OmegaConf would cover loading and merging but
-not the generated ``--help``, and it is a dependency for ~300 lines of standard library here. This module imports
+not the generated ``--help``, and it would be a new dependency for what a few hundred lines of standard library do here. This module imports
 only the standard library (PyYAML when a YAML file or a mapping value is read).
 """
 

@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from ..eval.compare import check_variants, run_comparison
 
-    check_variants(cfg)  # unknown variants/options: one error line before torch threads are touched or a model loads
+    check_variants(cfg)  # unknown variants/options: one error line before anything else is said or loaded
     use_threads(cfg.eval_threads)
     if cfg.speed.threads != cfg.eval_threads:
         logger.info("timing on %s torch thread(s) (speed.threads)", cfg.speed.threads)

@@ -26,8 +26,6 @@ from typing import Any
 
 import torch
 
-logger = logging.getLogger(__name__)
-
 from .config import (  # noqa: F401 - re-exported: the config used to live here
     BASELINE,
     DEFAULT_VARIANTS,
@@ -40,6 +38,8 @@ from .config import (  # noqa: F401 - re-exported: the config used to live here
     apply_overrides,
     load_config,
 )
+
+logger = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------------------------------------------------
 # the run
@@ -70,7 +70,6 @@ def check_variants(cfg: EvalConfig) -> dict[str, str]:
             reason = f"variant {name!r} is not registered (registered: {', '.join(known)})"
             if cfg.missing == "error":
                 raise ValueError(reason + "; use missing=skip to record it and go on")
-            logger.warning("%s: skipping it", reason)
             skip[spec] = reason
             continue
         get_variant(name).config_cls.from_dict(opts)  # unknown / invalid options fail here, before the long run
@@ -128,6 +127,8 @@ def run_comparison(
 
     t_start = time.perf_counter()
     skip = check_variants(cfg)
+    for reason in skip.values():
+        logger.warning("%s: skipping it (missing=skip)", reason)
     torch.manual_seed(cfg.seed)
     if model is None:
         model, tokenizer = _load(cfg)
