@@ -17,7 +17,8 @@ def test_variants_lists_every_variant_with_options(capsys):
     out = capsys.readouterr().out
     for name in ("gqa", "mqa", "sliding_window", "linear", "flash", "sparse"):
         assert name in out
-    assert "groups, strategy, seed" in out
+    assert "groups (int, default 1)" in out
+    assert 'strategy (str, default "mean"; one of: mean, first, random, fit)' in out
 
 
 @pytest.fixture()
@@ -32,11 +33,25 @@ def small_llama_dir(tmp_path, smollm2):
     return path
 
 
-def test_convert_reports_perplexity_and_saves(small_llama_dir, tmp_path, capsys):
+@pytest.fixture()
+def keep_threads():
+    """The CLI sets torch's thread count for its process; give the test process its own back."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def test_convert_reports_perplexity_and_saves(small_llama_dir, tmp_path, capsys, caplog, keep_threads):
     out = tmp_path / "converted"
-    code = main(["convert", "--model", str(small_llama_dir), "--variant", "gqa:groups=2,strategy=fit",
-                 "--calib-tokens", "1024", "--eval-tokens", "128", "--context", "64", "--out", str(out)])
+    torch.set_num_threads(2)
+    with caplog.at_level("INFO", logger="hf_attn_swap.cli"):
+        code = main(["convert", "--model", str(small_llama_dir), "--variant", "gqa:groups=2,strategy=fit",
+                     "--calib-tokens", "1024", "--eval-tokens", "128", "--context", "64", "--out", str(out)])
     assert code == 0
+    # 1 thread unless --threads says otherwise, stated once
+    assert torch.get_num_threads() == 1
+    assert [r.getMessage() for r in caplog.records if "torch thread" in r.getMessage()] == [
+        "using 1 torch thread(s); --threads to change"]
     text = capsys.readouterr().out
     report = json.loads(text[text.index("\n{\n") + 1 :])  # the JSON summary ends the output
     assert report["ppl_before"] > 1 and report["ppl_after"] > 1
@@ -45,7 +60,30 @@ def test_convert_reports_perplexity_and_saves(small_llama_dir, tmp_path, capsys)
     assert load_swapped(out).config.num_key_value_heads == 2
 
 
-def test_convert_bad_variant_is_one_clear_line(small_llama_dir, capsys):
+def test_convert_bad_variant_is_one_clear_line(small_llama_dir, capsys, keep_threads):
     assert main(["convert", "--model", str(small_llama_dir), "--variant", "gqa:groups=3", "--eval-tokens", "0"]) == 2
     err = capsys.readouterr().err
     assert "error: groups=3 must divide" in err and "Traceback" not in err
+
+
+def test_convert_unknown_variant_or_option_fails_before_loading(monkeypatch, tmp_path, capsys, keep_threads):
+    import hf_attn_swap.zoo as zoo
+
+    def no_loading(*a, **k):
+        raise AssertionError("the model loader must not run")
+
+    monkeypatch.setattr(zoo, "load_model", no_loading)
+    assert main(["convert", "--variant", "gqa:grups=1", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown option(s) 'grups' for variant 'gqa'" in err
+    assert main(["convert", "--variant", "nonsense"]) == 2
+    assert "unknown attention variant 'nonsense'; known variants: flash, gqa" in capsys.readouterr().err
+    assert main(["convert", "--calib-tokens", "many"]) == 2
+    assert "calib_tokens must be int, got 'many'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_threads_flag_overrides_the_default(small_llama_dir, capsys, keep_threads):
+    assert main(["convert", "--model", str(small_llama_dir), "--variant", "gqa:groups=2", "--eval-tokens", "0",
+                 "--threads", "2"]) == 0
+    assert torch.get_num_threads() == 2

@@ -29,6 +29,7 @@ from torch import nn
 
 from ..hf_compat import cache_kwarg, output_cache
 from ..progress import progress as progress_bar
+from .config import PASSKEY_FORMATS
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. Th
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
 QUESTION_PLAIN = "\n\nWhat is the pass key? The pass key is"
 QUESTION_CHAT = "\n\nWhat is the pass key? Answer with the number only."
-FORMATS = ("plain", "chat")
+FORMATS = PASSKEY_FORMATS  # ("plain", "chat"), declared with the torch-free eval config
 
 
 @dataclass

@@ -164,7 +164,7 @@ def uptrain(cfg: UptrainConfig, *, resume: bool | str = False, overwrite: bool =
     variant, options = cfg.swap_spec()
     if cfg.plan is None:
         get_variant(cfg.variant)  # unknown variant: fail before loading anything
-    out = check_output_dir(cfg.output_dir, overwrite=overwrite, resume=bool(resume), kind=RUN_KIND)
+    out = check_output_dir(cfg.output_dir, overwrite=overwrite or cfg.overwrite, resume=bool(resume), kind=RUN_KIND)
     t0, c0 = time.perf_counter(), time.process_time()
 
     def point(stage: str, ppl: float | None, tokens: int) -> CurvePoint:

@@ -58,6 +58,7 @@ class FlashConfig(VariantConfig):
     """
 
     backend: str = "auto"
+    option_choices = {"backend": BACKENDS}  # listed by `hf-attn-swap variants`
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:

@@ -45,6 +45,7 @@ class GQAConfig(VariantConfig):
     groups: int = 1
     strategy: str = "mean"
     seed: int = 0
+    option_choices = {"strategy": STRATEGIES}  # listed by `hf-attn-swap variants`
 
     def __post_init__(self) -> None:
         if isinstance(self.groups, bool) or not isinstance(self.groups, int) or self.groups < 1:
@@ -79,6 +80,7 @@ class MQAConfig(VariantConfig):
 
     strategy: str = "mean"
     seed: int = 0
+    option_choices = {"strategy": STRATEGIES}
 
     def __post_init__(self) -> None:
         GQAConfig(1, self.strategy, self.seed)

@@ -77,6 +77,7 @@ class LinearConfig(VariantConfig):
     eps: float = 1e-6
     kernel: str = "auto"
     window: int = 0
+    option_choices = {"feature_map": FEATURE_MAPS, "kernel": KERNELS}  # listed by `hf-attn-swap variants`
 
     def __post_init__(self) -> None:
         self.feature_map = canonical_feature_map(self.feature_map)
