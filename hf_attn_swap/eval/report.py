@@ -205,6 +205,7 @@ def markdown(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         for n in r.get("notes") or []:
             lines.append(f"- **{r['variant']}**: {n}")
     lines.append("")
+    lines += provenance_lines(meta.get("provenance"))
     lines += [
         "## Environment",
         "",
@@ -214,6 +215,29 @@ def markdown(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def provenance_lines(prov: dict[str, Any] | None) -> list[str]:
+    """A short "Provenance" section (code revision, weights, text) from :func:`hf_attn_swap.provenance.provenance`;
+    the full record is in the JSON."""
+    if not prov:
+        return []
+    from ..provenance import weights_summary
+
+    git = prov.get("git") or {}
+    code = (f"git {git['commit'][:12]}{' with uncommitted changes' if git.get('dirty') else ''}"
+            if git.get("commit") else f"not a git checkout ({git.get('reason')})")
+    versions = prov.get("versions") or {}
+    lines = ["## Provenance", "",
+             f"- Code: hf_attn_swap {versions.get('hf-attn-swap')}, {code}; run {prov.get('date_utc')} on "
+             f"{prov.get('cpu')} ({prov.get('cpu_count')} CPUs, load average {prov.get('load_average')})."]
+    lines += [f"- Weights: {weights_summary(m)}." for m in prov.get("models") or []]
+    for c in prov.get("corpora") or []:
+        where = c.get("package") or c.get("path")
+        lines.append(f"- Text `{c.get('name', where)}`: {where}, {c.get('n_files')} file(s), sha256 "
+                     f"{str(c.get('sha256'))[:12]}." if c.get("sha256") else f"- Text `{c.get('name', where)}`: "
+                     f"{where} ({c.get('reason')}).")
+    return lines + [""]
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
@@ -287,4 +311,4 @@ def write_reports(records: list[dict[str, Any]], meta: dict[str, Any], out: str 
     return paths
 
 
-__all__ = ["CSV_FIELDS", "flat_row", "markdown", "pareto_front", "plot_pareto", "write_reports"]
+__all__ = ["CSV_FIELDS", "flat_row", "markdown", "pareto_front", "plot_pareto", "provenance_lines", "write_reports"]
