@@ -228,7 +228,7 @@ def weights_summary(record: dict[str, Any]) -> str:
     if reg == "hub":
         return f"{record['repo_id']} from the Hugging Face Hub, revision {record.get('revision')}"
     if reg == "local":
-        digests = ", ".join(f"{k} {v[:12]}" for k, v in (record.get("weights_sha256") or {}).items())
+        digests = ", ".join(f"{k} sha256 {v[:12]}" for k, v in (record.get("weights_sha256") or {}).items())
         return f"local {record['path']} ({digests or 'no weights files'})"
     return f"unknown ({record.get('reason')})"
 
