@@ -137,7 +137,8 @@ def command_line(argv: list[str] | None = None) -> str:
         return ""
     first = Path(args[0])
     spec = getattr(sys.modules.get("__main__"), "__spec__", None) if argv is None else None
-    if spec is not None and first.suffix == ".py":  # `python -m name`: argv[0] is the module's file
+    if spec is not None and spec.origin and first.suffix == ".py" and first.resolve() == Path(spec.origin).resolve():
+        # `python -m name`: argv[0] is the module's file
         head = ["python", "-m", spec.name.removesuffix(".__main__")]
     elif first.suffix == ".py":
         head = ["python", os.path.relpath(first) if first.is_absolute() else str(first)]

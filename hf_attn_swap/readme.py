@@ -6,7 +6,7 @@ A Markdown file marks each generated part with HTML comments (invisible when ren
     ...table written by the renderer `eval_summary`...
     <!-- end generated -->
 
-    mean <!-- generated: results/gqa_strategies.json = smollm2.rows[strategy=mean].ppl |,.0f -->14,031<!-- end generated -->
+    mean <!-- generated: gqa.json = smollm2.rows[strategy=mean].ppl |,.0f -->14,031<!-- end generated -->
 
 The JSON path is relative to the Markdown file's folder. After it comes either a renderer (a name in
 :data:`RENDERERS`, or ``path/to/script.py:function`` relative to the repository root, called with the loaded JSON)

@@ -116,3 +116,28 @@ def test_cli_prints_resolved_config(capsys):
     printed = capsys.readouterr().out
     assert "tokens: 123" in printed and "lr: 0.0002" in printed
     assert main(["uptrain", "--print-config", "trainable=mlp"]) == 2  # clear one-line error
+
+
+def test_recipe_results_json_has_provenance_and_a_checkable_md(base, tmp_path):
+    """recipes/uptrain.py --results: the JSON records where it came from; the .md beside it is a generated block that
+    python -m hf_attn_swap.readme --check holds to that JSON (a hand edit of a figure fails the check)."""
+    import importlib.util
+
+    from hf_attn_swap import readme
+
+    spec = importlib.util.spec_from_file_location("uptrain_recipe", ROOT / "recipes" / "uptrain.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    cfg_path = tmp_path / "cfg.json"
+    cfg_path.write_text(small(base, tmp_path / "run", tokens=0, layerwise_steps=2).to_json())
+    results = tmp_path / "res" / "r.json"
+    assert recipe.main(["--config", str(cfg_path), "--results", str(results)]) == 0
+
+    saved = json.loads(results.read_text())
+    assert saved["provenance"]["models"][0]["path"] == str(base.resolve())
+    md = results.with_suffix(".md")
+    assert md.read_text().startswith("<!-- generated: r.json uptrain_table -->\n`python recipes/uptrain.py")
+    assert readme.main(["--check", str(md), "--root", str(ROOT)]) == 0
+    layerwise = next(c for c in saved["curve"] if c["stage"] == "layerwise")
+    md.write_text(md.read_text().replace(f"| {layerwise['ppl']:.2f} |", "| 1.00 |"))
+    assert readme.main(["--check", str(md), "--root", str(ROOT)]) == 1
