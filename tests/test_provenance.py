@@ -57,7 +57,7 @@ def test_sha256_matches_hashlib_and_sees_a_change(tmp_path):
 
 
 def test_command_line_round_trips_arguments():
-    assert prov.command_line(["bench/variants.py", "--note", "a b"]) == "python bench/variants.py --note 'a b'"
+    assert prov.command_line(["bench/variants.py", "--out", "a b"]) == "python bench/variants.py --out 'a b'"
     assert prov.command_line(["/usr/bin/hf-attn-swap", "eval", "--out", "x"]) == "hf-attn-swap eval --out x"
 
 

@@ -1,4 +1,4 @@
-"""Reports of a comparison: ``results.json`` (list of records), ``run.json`` (config, environment, runtime),
+"""Reports of a comparison: ``results.json`` (list of records), ``run.json`` (config, environment, runtime, provenance),
 ``results.csv`` (one flat row per variant), ``results.md`` (tables + notes) and ``pareto.png`` (perplexity against
 decode tokens/s, marker area proportional to KV bytes).
 
