@@ -188,7 +188,7 @@ def provenance(
 
     Returns:
         A JSON-serialisable dict: ``command``, ``argv``, ``git``, ``versions``, ``device``, ``dtype``,
-        ``torch_threads``, ``platform``, ``cpu``, ``cpu_count``, ``load_average``, ``date_utc``, ``models``,
+        ``torch_threads``, ``gpus`` (names of the visible CUDA devices), ``platform``, ``cpu``, ``cpu_count``, ``load_average``, ``date_utc``, ``models``,
         ``corpora``.
     """
     from .data import corpus_provenance
@@ -208,6 +208,8 @@ def provenance(
         "device": str(param.device) if param is not None else None,
         "dtype": str(param.dtype).removeprefix("torch.") if param is not None else None,
         "torch_threads": torch.get_num_threads(),
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        if torch.cuda.is_available() else [],
         "platform": platform.platform(),
         "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import importlib.util
+import inspect
 import json
 import logging
 import re
@@ -130,6 +131,16 @@ def uptrain_table(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def eval_report(meta: dict[str, Any], path: Path) -> str:
+    """The whole ``results.md`` of a comparison, from its ``run.json`` and the ``results.json`` beside it."""
+    from .eval.report import markdown
+
+    records = path.parent / "results.json"
+    if not records.is_file():
+        raise GeneratedError(f"eval_report needs {records} beside {path.name}")
+    return markdown(json.loads(records.read_text()), meta)
+
+
 def uptrain_goal(r: dict[str, Any], goal: float = 1.5) -> str:
     """Inline: how the uptrained perplexity compares with the recipes' goal (within 1.5x of the original)."""
     ratio = r["ppl_uptrained"] / r["ppl_original"]
@@ -139,7 +150,8 @@ def uptrain_goal(r: dict[str, Any], goal: float = 1.5) -> str:
 
 #: renderers a marker can name; each takes the loaded JSON and returns Markdown (one line = inline text).
 RENDERERS: dict[str, Callable[[Any], str]] = {
-    "eval_summary": eval_summary, "uptrain_table": uptrain_table, "uptrain_goal": uptrain_goal,
+    "eval_summary": eval_summary, "eval_report": eval_report, "uptrain_table": uptrain_table,
+    "uptrain_goal": uptrain_goal,
 }
 
 
@@ -184,7 +196,10 @@ def render(text: str, where: Path, root: Path) -> str:
             except (TypeError, ValueError) as exc:
                 raise GeneratedError(f"cannot format {field.strip()}={value!r} with {fmt.strip()!r}: {exc}") from None
         else:
-            text = _renderer(what, root)(cache[path]).strip("\n")
+            fn = _renderer(what, root)
+            # a renderer that also reads files beside its JSON (eval_report) takes the path too
+            args = (cache[path], path) if "path" in inspect.signature(fn).parameters else (cache[path],)
+            text = fn(*args).strip("\n")
             body = f"\n{text}\n" if "\n" in text else text  # one line: an inline part of a sentence
         return f"<!-- generated: {m['json']} {m['what']} -->{body}<!-- end generated -->"
 

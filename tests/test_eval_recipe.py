@@ -135,6 +135,9 @@ def test_recipe_end_to_end_writes_every_output(tiny_dir, tmp_path):
     assert prov["command"] == run["command"] and prov["argv"][1:] == sys.argv[1:]  # the process as run (pytest here)
     assert (prov["device"], prov["dtype"]) == ("cpu", "float32")
     assert f"sha256 {weights[:12]}" in md and "## Provenance" in md
+    from hf_attn_swap import readme
+
+    assert readme.main(["--check", str(out / "results.md"), "--root", str(ROOT)]) == 0  # a pure function of the JSON
 
 
 def test_cli_eval(tiny_dir, tmp_path, capsys):

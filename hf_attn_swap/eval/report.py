@@ -300,7 +300,9 @@ def write_reports(records: list[dict[str, Any]], meta: dict[str, Any], out: str 
     paths = {"json": out / "results.json", "csv": out / "results.csv", "md": out / "results.md", "run": out / "run.json"}
     write_json(records, paths["json"])
     write_csv(records, paths["csv"])
-    paths["md"].write_text(markdown(records, meta))
+    # marked as generated from run.json (+ results.json): python -m hf_attn_swap.readme --check re-renders it
+    paths["md"].write_text(f"<!-- generated: run.json eval_report -->\n{markdown(records, meta).rstrip()}\n"
+                           "<!-- end generated -->\n")
     paths["run"].write_text(json.dumps(_clean(meta), indent=2, default=_json_default) + "\n")
     if plot:
         png = out / "pareto.png"
