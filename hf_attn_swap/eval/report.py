@@ -234,9 +234,8 @@ def provenance_lines(prov: dict[str, Any] | None) -> list[str]:
     lines += [f"- Weights: {weights_summary(m)}." for m in prov.get("models") or []]
     for c in prov.get("corpora") or []:
         where = c.get("package") or c.get("path")
-        lines.append(f"- Text `{c.get('name', where)}`: {where}, {c.get('n_files')} file(s), sha256 "
-                     f"{str(c.get('sha256'))[:12]}." if c.get("sha256") else f"- Text `{c.get('name', where)}`: "
-                     f"{where} ({c.get('reason')}).")
+        digest = f"{c.get('n_files')} file(s), sha256 {c['sha256'][:12]}" if c.get("sha256") else c.get("reason")
+        lines.append(f"- Text `{c.get('name', where)}`: {where}, {digest}.")
     return lines + [""]
 
 
