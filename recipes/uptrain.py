@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from hf_attn_swap.cliconfig import add_config_arguments, config_from_args
+from hf_attn_swap.readme import uptrain_table
 from hf_attn_swap.train.config import UptrainConfig
 
 
@@ -50,19 +51,14 @@ def main(argv: list[str] | None = None) -> int:
         path = Path(a.results)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(out, indent=2) + "\n")
-        path.with_suffix(".md").write_text(markdown(out))
+        path.with_suffix(".md").write_text(markdown(out, path.name))
     return 0
 
 
-def markdown(r: dict) -> str:
-    lines = [f"`{r['command']}`", "", "| stage | held-out ppl | tokens so far | seconds so far |", "|---|---|---|---|",
-             f"| original | {r['ppl_original']:.2f} | - | - |"]
-    for c in r["curve"]:
-        lines.append(f"| {c['stage']} | {c['ppl']:.2f} | {c['tokens']} | {c['seconds']:.0f} |")
-    rec = r.get("recovery")
-    lines += ["", f"Recovered share of the log-perplexity gap: {rec:.3f}" if rec is not None else "",
-              f"Tokens: {r['tokens']}, seconds: {r['seconds']:.0f}."]
-    return "\n".join(lines) + "\n"
+def markdown(r: dict, json_name: str) -> str:
+    """The summary, marked as generated from ``json_name`` so ``python -m hf_attn_swap.readme --check`` keeps it
+    equal to the JSON (prose added under it by hand stays as written)."""
+    return f"<!-- generated: {json_name} uptrain_table -->\n{uptrain_table(r)}\n<!-- end generated -->\n"
 
 
 if __name__ == "__main__":

@@ -7,9 +7,12 @@ import json
 import pytest
 import torch
 import transformers as tf
+from plain_perplexity import plain_perplexity
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_attn_swap.checkpoint import load_swapped, read_sidecar
 from hf_attn_swap.cli import main
+from hf_attn_swap.data import load_text, tokenize
 
 
 def test_variants_lists_every_variant_with_options(capsys):
@@ -54,7 +57,14 @@ def test_convert_reports_perplexity_and_saves(small_llama_dir, tmp_path, capsys,
         "using 1 torch thread(s); --threads to change"]
     text = capsys.readouterr().out
     report = json.loads(text[text.index("\n{\n") + 1 :])  # the JSON summary ends the output
-    assert report["ppl_before"] > 1 and report["ppl_after"] > 1
+    # both figures equal an independent computation on the same held-out ids (before: the saved model; after: the
+    # converted one as reloaded), up to float32 summation order and the 3 decimals the report keeps
+    tok = AutoTokenizer.from_pretrained(small_llama_dir)
+    ids = tokenize(tok, load_text("shakespeare", split="validation"), max_tokens=128)
+    before = AutoModelForCausalLM.from_pretrained(small_llama_dir).eval()
+    assert report["ppl_before"] == pytest.approx(plain_perplexity(before, ids, 64), rel=1e-5)
+    assert report["ppl_after"] == pytest.approx(plain_perplexity(load_swapped(out).eval(), ids, 64), rel=1e-5)
+    assert report["ppl_after"] != report["ppl_before"]
     assert report["steps"][0]["layers"] == "0-1" and report["steps"][0]["calibration_tokens"] == 1024
     assert read_sidecar(out)["vanilla"] is True
     assert load_swapped(out).config.num_key_value_heads == 2

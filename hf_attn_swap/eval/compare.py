@@ -18,8 +18,6 @@ from __future__ import annotations
 import copy
 import gc
 import logging
-import shlex
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -209,15 +207,19 @@ def run_comparison(
     runtime = time.perf_counter() - t_start
     with num_threads(cfg.speed.threads):
         env = environment(model)
+    from ..provenance import command_line, provenance
+
     meta = {
         # the command line that produced these figures (shown at the top of results.md)
-        "command": " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "command": command_line(),
         "config": cfg.to_dict(),
         "runtime_s": round(runtime, 1),
         "environment": env,
         "eval_tokens": int(ids.numel()),
         "eval_tokens_total": int(ids.numel()) * sum(r["status"] == "ok" for r in records),
         "registered_variants": _registered(),
+        # code revision, versions, machine, exact weights and text of this run
+        "provenance": provenance(models=[model], corpora=[p.corpus, cfg.calibration.corpus or p.corpus]),
     }
     from .perplexity import NORMALISATION
 

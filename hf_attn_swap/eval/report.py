@@ -1,4 +1,4 @@
-"""Reports of a comparison: ``results.json`` (list of records), ``run.json`` (config, environment, runtime),
+"""Reports of a comparison: ``results.json`` (list of records), ``run.json`` (config, environment, runtime, provenance),
 ``results.csv`` (one flat row per variant), ``results.md`` (tables + notes) and ``pareto.png`` (perplexity against
 decode tokens/s, marker area proportional to KV bytes).
 
@@ -207,6 +207,7 @@ def markdown(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         for n in r.get("notes") or []:
             lines.append(f"- **{r['variant']}**: {n}")
     lines.append("")
+    lines += provenance_lines(meta.get("provenance"))
     lines += [
         "## Environment",
         "",
@@ -218,6 +219,28 @@ def markdown(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def provenance_lines(prov: dict[str, Any] | None) -> list[str]:
+    """A short "Provenance" section (code revision, weights, text) from :func:`hf_attn_swap.provenance.provenance`;
+    the full record is in the JSON."""
+    if not prov:
+        return []
+    from ..provenance import weights_summary
+
+    git = prov.get("git") or {}
+    code = (f"git {git['commit'][:12]}{' with uncommitted changes' if git.get('dirty') else ''}"
+            if git.get("commit") else f"not a git checkout ({git.get('reason')})")
+    versions = prov.get("versions") or {}
+    lines = ["## Provenance", "",
+             f"- Code: hf_attn_swap {versions.get('hf-attn-swap')}, {code}; run {prov.get('date_utc')} on "
+             f"{prov.get('cpu')} ({prov.get('cpu_count')} CPUs, load average {prov.get('load_average')})."]
+    lines += [f"- Weights: {weights_summary(m)}." for m in prov.get("models") or []]
+    for c in prov.get("corpora") or []:
+        where = c.get("package") or c.get("path")
+        digest = f"{c.get('n_files')} file(s), sha256 {c['sha256'][:12]}" if c.get("sha256") else c.get("reason")
+        lines.append(f"- Text `{c.get('name', where)}`: {where}, {digest}.")
+    return lines + [""]
+
+
 def write_reports(records: list[dict[str, Any]], meta: dict[str, Any], out: str | Path, *, plot: bool = True) -> dict[str, Path]:
     """Write every output into ``out`` (created); returns ``{kind: path}``."""
     out = Path(out)
@@ -225,7 +248,9 @@ def write_reports(records: list[dict[str, Any]], meta: dict[str, Any], out: str 
     paths = {"json": out / "results.json", "csv": out / "results.csv", "md": out / "results.md", "run": out / "run.json"}
     write_json(records, paths["json"])
     write_csv(records, paths["csv"])
-    paths["md"].write_text(markdown(records, meta))
+    # marked as generated from run.json (+ results.json): python -m hf_attn_swap.readme --check re-renders it
+    paths["md"].write_text(f"<!-- generated: run.json eval_report -->\n{markdown(records, meta).rstrip()}\n"
+                           "<!-- end generated -->\n")
     paths["run"].write_text(json.dumps(_clean(meta), indent=2, default=_json_default) + "\n")
     if plot:
         png = out / "pareto.png"
@@ -236,4 +261,4 @@ def write_reports(records: list[dict[str, Any]], meta: dict[str, Any], out: str 
     return paths
 
 
-__all__ = ["CSV_FIELDS", "flat_row", "markdown", "pareto_front", "plot_pareto", "write_reports"]
+__all__ = ["CSV_FIELDS", "flat_row", "markdown", "pareto_front", "plot_pareto", "provenance_lines", "write_reports"]

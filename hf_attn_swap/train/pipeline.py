@@ -58,6 +58,8 @@ class UptrainResult:
     eval_tokens: int = 0
     output_dir: str = ""
     config: dict[str, Any] = field(default_factory=dict)
+    #: code revision, versions, machine, exact weights and text (:func:`hf_attn_swap.provenance.provenance`).
+    provenance: dict[str, Any] = field(default_factory=dict)
     #: the uptrained model itself (not serialised).
     model: Any = field(default=None, repr=False, compare=False)
 
@@ -224,6 +226,9 @@ def uptrain(cfg: UptrainConfig, *, resume: bool | str = False, overwrite: bool =
     result.cpu_seconds = time.process_time() - c0
     if result.ppl_original and result.ppl_converted and result.ppl_uptrained:
         result.recovery = log_gap_recovery(result.ppl_original, result.ppl_converted, result.ppl_uptrained)
+    from ..provenance import provenance
+
+    result.provenance = provenance(models=[teacher], corpora=[cfg.corpus, cfg.eval_corpus or cfg.corpus])
     save_swapped(student, out / FINAL_DIR, tokenizer, overwrite=True)
     (out / RESULT_FILE).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     result.model = student
