@@ -8,9 +8,11 @@ The dispatcher's model-level mask is SDPA-format (see :mod:`.registry`): a 4D bo
 is exact. Each implementation gets it in the format its own mask function would have built:
 
 * ``sdpa``: as is.
-* ``eager``, ``flex_attention`` and any other registered function: an additive float mask (0 / dtype min), with
-  causality spelled out where SDPA would have used ``is_causal`` (eager adds the mask and nothing else; flex reads a
-  tensor mask as an additive score mask).
+* ``eager`` and any other registered function: an additive float mask (0 / dtype min), with causality spelled out
+  where SDPA would have used ``is_causal`` (eager adds the mask and nothing else).
+* ``flex_attention``: a ``BlockMask`` built from the same boolean mask. (transformers' flex path also takes a tensor
+  as an additive score mask, but with torch 2.13 on CPU that path aborted the process in a probe; the BlockMask path
+  matched SDPA to 4e-7.)
 * ``flash_attention_*`` (CUDA only, not exercised by this package's CPU tests): None or a 2D key-padding mask,
   causality and the window being the kernel's own flags.
 """
@@ -45,16 +47,40 @@ def model_eager_function(module: nn.Module) -> Callable[..., Any]:
 
 def additive_mask(mask: torch.Tensor | None, module: nn.Module, query: torch.Tensor, key: torch.Tensor):
     """SDPA-format mask -> the additive float mask eager attention adds to its scores (None: attend to all)."""
+    if mask is not None and mask.dtype != torch.bool:
+        return mask
+    mask = _bool_mask(mask, module, query, key)
+    if mask is None:
+        return None
+    zeros = torch.zeros(mask.shape, dtype=query.dtype, device=query.device)
+    return zeros.masked_fill(~mask.to(query.device), torch.finfo(query.dtype).min)
+
+
+def _bool_mask(mask: torch.Tensor | None, module: nn.Module, query: torch.Tensor, key: torch.Tensor):
+    """SDPA-format mask with causality spelled out (None only where every key is visible to every query)."""
     q_len, kv_len = query.shape[2], key.shape[2]
     if mask is None:
         if not getattr(module, "is_causal", True) or q_len == 1:
             return None
         # SDPA's is_causal shortcut: sdpa_mask returns None only when q == kv or q == 1, where it is exact.
-        mask = causal_bool_mask(q_len, kv_len, query.device)[None, None]
-    if mask.dtype != torch.bool:
-        return mask
-    zeros = torch.zeros(mask.shape, dtype=query.dtype, device=query.device)
-    return zeros.masked_fill(~mask.to(query.device), torch.finfo(query.dtype).min)
+        return causal_bool_mask(q_len, kv_len, query.device)[None, None]
+    return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+
+
+def block_mask(mask: torch.Tensor | None, module: nn.Module, query: torch.Tensor, key: torch.Tensor):
+    """SDPA-format mask -> the ``BlockMask`` flex attention takes (None: attend to all)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    dense = _bool_mask(mask, module, query, key)
+    if dense is None:
+        return None
+    b, q_len, kv_len = query.shape[0], query.shape[2], key.shape[2]
+    dense = dense[:, :1, :, -kv_len:].expand(b, 1, q_len, kv_len).to(query.device)
+
+    def mask_mod(bi, hi, qi, ki):
+        return dense[bi, 0, qi, ki]
+
+    return create_block_mask(mask_mod, b, None, q_len, kv_len, device=query.device)
 
 
 def key_padding_mask(mask: torch.Tensor | None) -> torch.Tensor | None:  # pragma: no cover - CUDA only
@@ -80,6 +106,8 @@ def base_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, va
                            "longer registered in transformers' AttentionInterface")
     if impl == "sdpa":
         mask = attention_mask
+    elif impl == "flex_attention":
+        mask = block_mask(attention_mask, module, query, key)
     elif impl.startswith("flash_attention"):  # pragma: no cover - CUDA only
         mask = key_padding_mask(attention_mask)
     else:

@@ -15,7 +15,8 @@ import logging
 import pytest
 import torch
 import transformers as tf
-from tiny_models import COMMON, SPECIAL, tiny
+from tiny_models import COMMON, SPECIAL
+from transformers import AttentionInterface
 
 import hf_attn_swap.api as api
 import hf_attn_swap.variants.gqa as gqa_mod
@@ -326,6 +327,20 @@ def test_untouched_gemma2_layers_keep_eager_softcap_and_windows():
 
 
 @torch.no_grad()
+def test_saved_partial_swap_of_an_eager_gemma2_reloads_with_eager_untouched_layers(tmp_path):
+    """load_swapped replays the plan on a model transformers loads eager (Gemma-2 with softcap): the untouched
+    layers run Gemma-2's eager again and the reloaded model computes what the saved one did."""
+    from hf_attn_swap.checkpoint import load_swapped, save_swapped
+
+    model = _gemma2_eager()
+    swap_attention(model, "gqa", groups=2, layers=[0])  # a real conversion on layer 0 only
+    want = model(IDS).logits
+    again = load_swapped(save_swapped(model, tmp_path / "partial"))
+    assert again.model.layers[1].self_attn.__dict__["_hf_attn_swap_base_impl"] == "eager"
+    torch.testing.assert_close(again(IDS).logits, want, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
 @pytest.mark.parametrize("loaded_with", ["eager", "sdpa"])
 def test_untouched_layers_run_the_loaded_implementation_exactly(loaded_with):
     """An exact attention-only swap (flash) of layer 0 gives the unswapped model's logits, and with eager the
@@ -377,3 +392,29 @@ def test_one_info_line_for_a_mixed_plan(caplog):
     assert len(lines) == 1, lines
     assert "flash" in lines[0] and "gqa" in lines[0] and "4 of 6 layers" in lines[0] and "keep sdpa" in lines[0]
     assert kv_heads_per_layer(model) == [4, 4, 2, 2, 4, 4]
+
+
+@torch.no_grad()
+def test_untouched_layers_keep_flex_attention(monkeypatch):
+    """A model loaded with flex_attention keeps it on untouched layers, the mask handed over as a BlockMask (flex
+    compiles on first use: ~1 min on CPU, so one forward, checked against the same weights under SDPA)."""
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(**COMMON, num_key_value_heads=4, head_dim=8, attn_implementation="flex_attention", **SPECIAL)
+    model = tf.LlamaForCausalLM(cfg).eval()
+    ref = copy.deepcopy(model)
+    ref.set_attn_implementation("sdpa")
+    swap_attention(model, "flash", layers=[0])
+    assert model.model.layers[1].self_attn.__dict__["_hf_attn_swap_base_impl"] == "flex_attention"
+    mask = torch.ones_like(IDS)
+    mask[1, :3] = 0
+    real = mask.bool()
+    flex, calls = AttentionInterface._global_mapping["flex_attention"], []
+
+    def spy(module, *args, **kwargs):
+        calls.append((module.layer_idx, type(args[3]).__name__))  # (layer, type of the mask it was given)
+        return flex(module, *args, **kwargs)
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, "flex_attention", spy)
+    out = model(IDS, attention_mask=mask).logits
+    assert calls == [(1, "BlockMask")]  # layer 1 ran flex, layer 0 ran the swap's flash
+    torch.testing.assert_close(out[real], ref(IDS, attention_mask=mask).logits[real], atol=1e-5, rtol=1e-5)
