@@ -11,7 +11,8 @@ attributes). So the journal records, without copying any tensor:
   modules): the class, the ``__dict__`` entries, and the contents of each dict or list among them, keeping the
   container objects themselves (hook handles hold weak references to the hook dicts, so those must stay the same
   objects);
-* the version counter of every parameter and buffer, to report (not undo) an in-place write into existing tensors.
+* the version counter of every parameter, to report (not undo) an in-place write into existing weights (buffers
+  are left out: a forward during calibration may legitimately refresh one, e.g. a dynamic RoPE ``inv_freq``).
 
 Rolling back puts every entry, container content and class back, so parameters keep their identity and modules
 added during the swap (feature maps, new projections) drop out. The cost is one pass over the modules: a few
@@ -80,7 +81,7 @@ class ModelJournal:
     def __init__(self, model: nn.Module) -> None:
         objects: list[Any] = list(model.modules()) + _configs_of(model)
         self._states = [_ObjectState(o) for o in objects]
-        self._versions = {id(t): (name, t, t._version) for name, t in _named_tensors(model)}
+        self._versions = {id(p): (name, p, p._version) for name, p in model.named_parameters()}
 
     def rollback(self) -> None:
         """Restore every recorded object; log an error for tensors written in place (those cannot be restored)."""
@@ -89,14 +90,9 @@ class ModelJournal:
         touched = [name for name, t, version in self._versions.values() if t._version != version]
         if touched:
             logger.error(
-                "the failed swap wrote into %d existing tensor(s) in place (e.g. %s); those values cannot be rolled "
+                "the failed swap wrote into %d existing parameter(s) in place (e.g. %s); those values cannot be rolled "
                 "back: conversions must assign new tensors, not write into the model's", len(touched), touched[0]
             )
-
-
-def _named_tensors(model: nn.Module) -> Iterator[tuple[str, Any]]:
-    yield from model.named_parameters(remove_duplicate=True)
-    yield from model.named_buffers(remove_duplicate=True)
 
 
 @contextlib.contextmanager

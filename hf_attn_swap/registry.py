@@ -59,6 +59,8 @@ class VariantSpec:
         convert: optional weight surgery ``convert(model, config, layers, *, calibration=None, structure_only=False)
             -> dict`` (facts: ``lossy``, ``vanilla``, ``calibration_tokens``); applied once by ``swap_attention``
             before the attention function is selected. ``structure_only`` only reshapes (checkpoint loading).
+            It must assign new tensors rather than write into the model's: a failing swap is rolled back by putting
+            the old objects back (:mod:`.journal`), which cannot undo an in-place write (it is logged as an error).
         prepare: optional ``prepare(model, config, layers) -> None`` that attaches per-layer state (attention-only
             variants with learnable or recurrent state).
         restore: optional ``restore(model, layers) -> None`` undoing what ``prepare`` did (used by unswap).
