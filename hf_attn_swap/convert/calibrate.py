@@ -72,5 +72,6 @@ def input_second_moments(model: nn.Module, modules: list[nn.Module], calibration
         model.train(was_training)
     if tokens == 0 or any(s is None for s in sums):
         raise ValueError("calibration produced no activations: pass at least one non-empty batch of input ids")
-    logger.info("calibration: %d tokens through %d attention modules", tokens, len(modules))
+    # DEBUG: the swap that calibrates logs one INFO line itself (the token count is in its record).
+    logger.debug("calibration: %d tokens through %d attention modules", tokens, len(modules))
     return [s / tokens for s in sums], tokens
