@@ -134,22 +134,20 @@ def test_per_layer_stage_on_two_processes_equals_one_process_and_only_rank0_writ
 
 
 def test_output_folder_check_in_one_process(base, tmp_path):
-    """The same rule without a launcher: refused before the model is loaded, unchanged; --resume or overwrite pass."""
+    """The same rule without a launcher (hf_attn_swap.outputs' run rule): refused before the model is loaded, the folder
+    unchanged; --resume or overwrite pass."""
     from hf_attn_swap.train.stages import RunContext
 
     out = tmp_path / "taken"
     (out / "checkpoint-4").mkdir(parents=True)
     (out / "notes.txt").write_text("mine\n")
     before = sorted((p.relative_to(out), p.stat().st_mtime_ns) for p in out.rglob("*"))
-    with pytest.raises(ValueError, match=r"holds a previous run \(checkpoint-4\): pass --resume"):
+    with pytest.raises(ValueError, match=r"holds a previous run \(checkpoint-4/\): pass --resume"):
         uptrain(config(base, out, model=str(tmp_path / "no-such-model")))  # would fail later if it got that far
     assert sorted((p.relative_to(out), p.stat().st_mtime_ns) for p in out.rglob("*")) == before
     RunContext(out, resume=True).check_output_dir()
     RunContext(out).check_output_dir(overwrite=True)
     RunContext(tmp_path / "fresh").check_output_dir()
-    (tmp_path / "other").mkdir()
-    (tmp_path / "other" / "notes.txt").write_text("not a run\n")
-    RunContext(tmp_path / "other").check_output_dir()  # files of another kind are not a previous run
 
 
 def test_output_folder_with_another_run_is_refused_on_every_process_before_any_work(base, tmp_path):

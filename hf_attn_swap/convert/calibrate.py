@@ -8,6 +8,8 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from ..progress import progress
+
 logger = logging.getLogger(__name__)
 
 
@@ -57,7 +59,8 @@ def input_second_moments(model: nn.Module, modules: list[nn.Module], calibration
     was_training = model.training
     model.eval()
     try:
-        for batch in _as_batches(calibration):
+        batches = list(_as_batches(calibration))
+        for batch in progress(batches, desc="calibration", unit="batch"):
             mask = batch.get("attention_mask")
             keep["mask"] = None if mask is None else mask.reshape(-1).bool()
             n = int(batch["input_ids"].numel() if mask is None else mask.sum())
@@ -69,5 +72,6 @@ def input_second_moments(model: nn.Module, modules: list[nn.Module], calibration
         model.train(was_training)
     if tokens == 0 or any(s is None for s in sums):
         raise ValueError("calibration produced no activations: pass at least one non-empty batch of input ids")
-    logger.info("calibration: %d tokens through %d attention modules", tokens, len(modules))
+    # DEBUG: the swap that calibrates logs one INFO line itself (the token count is in its record).
+    logger.debug("calibration: %d tokens through %d attention modules", tokens, len(modules))
     return [s / tokens for s in sums], tokens

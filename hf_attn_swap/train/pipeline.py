@@ -58,6 +58,8 @@ class UptrainResult:
     config: dict[str, Any] = field(default_factory=dict)
     #: how many processes ran it (``accelerate launch --num_processes``); the per-layer stats say which trained what.
     processes: int = 1
+    #: code revision, versions, machine, exact weights and text (:func:`hf_attn_swap.provenance.provenance`).
+    provenance: dict[str, Any] = field(default_factory=dict)
     #: the uptrained model itself (not serialised).
     model: Any = field(default=None, repr=False, compare=False)
 
@@ -143,15 +145,17 @@ def uptrain(cfg: UptrainConfig, *, resume: bool | str = False, overwrite: bool =
         cfg: the options (see :class:`UptrainConfig`).
         resume: continue an interrupted run in ``cfg.output_dir``: True = its latest checkpoint, or a checkpoint
             path. The per-layer stage's result is reloaded from ``output_dir/stage1`` instead of recomputed.
-        overwrite: start over in an ``output_dir`` that holds a previous run. Without it (or ``resume``) such a
-            folder is refused, on every process, before anything is loaded.
+        overwrite: start over in an ``output_dir`` that holds a previous run, or write beside other files there
+            (they are left alone). Without it (or ``resume``, or ``cfg.overwrite``) such a folder is refused, on every
+            process, before anything is loaded.
 
     Returns:
         The measurements; also written to ``output_dir/uptrain_result.json``.
 
     Raises:
         ValueError: bad options, too little text, nothing to train, a teacher the student cannot be compared with,
-            an ``output_dir`` holding another run. Nothing is written to ``output_dir`` in those cases.
+            an ``output_dir`` it may not write (:class:`~hf_attn_swap.outputs.OutputDirError`). Nothing is written to
+            ``output_dir`` in those cases.
     """
     from ..checkpoint import save_swapped
     from ..registry import get_variant
@@ -167,7 +171,11 @@ def uptrain(cfg: UptrainConfig, *, resume: bool | str = False, overwrite: bool =
     if cfg.plan is None:
         get_variant(cfg.variant)  # unknown variant: fail before loading anything
     ctx = RunContext.from_accelerate(cfg.output_dir, resume)
-    ctx.check_output_dir(overwrite)  # before any work, the same verdict on every process
+    ctx.check_output_dir(overwrite or cfg.overwrite)  # before any work, the main process's verdict on every process
+    if not ctx.is_main:
+        from .. import progress
+
+        progress.enable(False)  # one set of bars, from the main process
     out = ctx.output_dir
     t0, c0 = time.perf_counter(), time.process_time()
 
@@ -213,7 +221,10 @@ def uptrain(cfg: UptrainConfig, *, resume: bool | str = False, overwrite: bool =
     if result.ppl_original and result.ppl_converted and result.ppl_uptrained:
         result.recovery = log_gap_recovery(result.ppl_original, result.ppl_converted, result.ppl_uptrained)
     if ctx.is_main:  # the only writer; the others wait so that every process returns after the files exist
-        save_swapped(student, out / FINAL_DIR, tokenizer)
+        from ..provenance import provenance
+
+        result.provenance = provenance(models=[teacher], corpora=[cfg.corpus, cfg.eval_corpus or cfg.corpus])
+        save_swapped(student, out / FINAL_DIR, tokenizer, overwrite=True)  # this run's own, checked above
         (out / RESULT_FILE).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     ctx.wait()
     result.model = student

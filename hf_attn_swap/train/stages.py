@@ -18,7 +18,6 @@ an :class:`Evaluate`. Every rule about several processes (``accelerate launch --
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import logging
 import time
@@ -36,8 +35,6 @@ logger = logging.getLogger(__name__)
 STAGE1_DIR = "stage1"
 FINAL_DIR = "final"
 RESULT_FILE = "uptrain_result.json"
-#: what a run writes in its folder: their presence means the folder holds a previous run.
-RUN_ENTRIES = (RESULT_FILE, STAGE1_DIR, FINAL_DIR, "checkpoint-*")
 
 
 @dataclass
@@ -107,20 +104,27 @@ class RunContext:
         return [i for i in layers if i % self.world_size == self.rank]
 
     def check_output_dir(self, overwrite: bool = False) -> None:
-        """Refuse, on every process and before any work, a folder holding another run unless resuming/overwriting.
+        """Refuse, on every process and before any work, an output folder this run may not write.
 
         The main process looks (so every process gets the same answer even while a slow file system catches up)
         and broadcasts its verdict.
 
         Raises:
-            ValueError: the folder holds a previous run and neither ``resume`` nor ``overwrite`` was given.
+            hf_attn_swap.outputs.OutputDirError: (a ValueError) the rules of
+                :func:`hf_attn_swap.outputs.check_output_dir` for a run: a previous run without ``resume`` or
+                ``overwrite``, other files without ``overwrite``, a path it cannot write.
         """
-        # TODO(lead): once hf_attn_swap.outputs (branch files) is merged, call
-        # check_output_dir(self.output_dir, overwrite=overwrite, resume=bool(self.resume), kind=RUN_KIND) here.
-        err = _previous_run_error(self.output_dir, bool(self.resume) or overwrite) if self.is_main else None
+        from ..outputs import RUN_KIND, OutputDirError, check_output_dir
+
+        err = None
+        if self.is_main:
+            try:
+                check_output_dir(self.output_dir, overwrite=overwrite, resume=bool(self.resume), kind=RUN_KIND)
+            except OutputDirError as e:
+                err = str(e)
         err = self.share(err)
         if err:
-            raise ValueError(err)
+            raise OutputDirError(err)
 
 
 def use_cpu() -> bool:
@@ -128,16 +132,6 @@ def use_cpu() -> bool:
     from accelerate.utils import parse_flag_from_env
 
     return not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU")
-
-
-def _previous_run_error(out: Path, allowed: bool) -> str | None:
-    if allowed or not out.is_dir():
-        return None
-    previous = sorted(p.name for p in out.iterdir() if any(fnmatch.fnmatch(p.name, pat) for pat in RUN_ENTRIES))
-    if not previous:
-        return None
-    return (f"{out} holds a previous run ({', '.join(previous[:5])}): pass --resume to continue it, or choose an "
-            "empty or new output_dir")
 
 
 @dataclass
@@ -332,7 +326,7 @@ class LayerwiseStage(Stage):
 
         if ctx.is_main:
             stage1 = ctx.output_dir / STAGE1_DIR
-            save_swapped(run.student, stage1, run.tokenizer)
+            save_swapped(run.student, stage1, run.tokenizer, overwrite=True)  # this run's own, checked at the start
             (stage1 / "layerwise.json").write_text(json.dumps(run.result.layerwise, indent=2))
         ctx.wait()
 

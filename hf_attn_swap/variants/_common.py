@@ -22,6 +22,8 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from ..convert.adapters import get_adapter
+from ..convert.projections import AttentionSite, find_attention
 from ..hf_compat import cache_in_kwargs
 from ..registry import layer_swap
 
@@ -170,17 +172,20 @@ def swap_config(module: nn.Module, expected_cls: type) -> Any:
     return cfg
 
 
-def attention_sites_of(model: nn.Module, layers: list[int]) -> list[nn.Module]:
-    from ..api import attention_sites
+def model_sites(model: nn.Module) -> list[AttentionSite]:
+    """The model's attention modules in layer order. Variants walk the model through :mod:`..convert` (like the
+    conversion code), never through :mod:`..api`, which imports the registry that imports the variants."""
+    return find_attention(model, get_adapter(model))
 
-    sites = attention_sites(model)
+
+def attention_sites_of(model: nn.Module, layers: list[int]) -> list[nn.Module]:
+    """The attention modules of ``layers``."""
+    sites = model_sites(model)
     return [sites[i].module for i in layers]
 
 
 def require_causal(model: nn.Module, variant: str) -> None:
     """Causal-LM-only variants refuse encoder models, naming the alternatives."""
-    from ..convert.adapters import get_adapter
-
     adapter = get_adapter(model)
     if not adapter.causal:
         raise ValueError(

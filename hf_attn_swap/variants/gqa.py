@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from ..configs import VariantConfig
 from ..convert.adapters import get_adapter
 from ..convert.calibrate import input_second_moments
+from ..progress import progress
 from ..convert.pooling import STRATEGIES, convert_projections, rotary_dims_of
 from ..convert.projections import build_new_modules, commit, find_attention, read_projections
 from ..reference import causal_bool_mask, reference_attention
@@ -44,6 +45,7 @@ class GQAConfig(VariantConfig):
     groups: int = 1
     strategy: str = "mean"
     seed: int = 0
+    option_choices = {"strategy": STRATEGIES}  # listed by `hf-attn-swap variants`
 
     def __post_init__(self) -> None:
         if isinstance(self.groups, bool) or not isinstance(self.groups, int) or self.groups < 1:
@@ -78,6 +80,7 @@ class MQAConfig(VariantConfig):
 
     strategy: str = "mean"
     seed: int = 0
+    option_choices = {"strategy": STRATEGIES}
 
     def __post_init__(self) -> None:
         GQAConfig(1, self.strategy, self.seed)
@@ -174,7 +177,8 @@ def convert_gqa(model: torch.nn.Module, config: GQAConfig | MQAConfig, layers: l
     gen = torch.Generator().manual_seed(int(getattr(config, "seed", 0)))
     blocks = []
     lossy = False
-    for site, cov in zip(chosen, covariances):
+    pairs = list(zip(chosen, covariances))  # a bar per layer, except when only reshaping for a load (instant)
+    for site, cov in pairs if structure_only else progress(pairs, desc=f"{strategy} K/V heads -> {groups}", unit="layer"):
         p = read_projections(site.module, site.parent, adapter, head_dim=site.head_dim)
         if site.num_kv_heads != groups:
             lossy = True
