@@ -105,6 +105,32 @@ def test_layer_seeding_makes_a_layer_independent_of_the_others_trained(base):
     assert r_one.layers[0].mse_after < r_one.layers[0].mse_before
 
 
+@pytest.mark.parametrize("model_type,spec", [
+    ("llama", {"0": ["linear", {"feature_map": "hedgehog", "window": 4}], "1": ["mqa", {"strategy": "fit"}]}),
+    ("gpt2", {"0-": ["gqa", {"groups": 2, "strategy": "fit"}]}),
+])
+def test_other_processes_rebuild_the_main_process_conversion_exactly(model_type, spec):
+    """What a non-main process does with the broadcast (swap record, state dict): the same model as the main
+    process's calibrated conversion, for a per-layer plan with learned feature maps and for a sidecar-only family."""
+    import copy
+
+    from hf_attn_swap import swap_attention
+    from hf_attn_swap.api import swap_record
+    from hf_attn_swap.train.stages import rebuild_swap
+
+    from tiny_models import output, tiny
+
+    main = tiny(model_type)
+    other = copy.deepcopy(main)
+    calib = torch.randint(3, 100, (4, 16), generator=torch.Generator().manual_seed(0))
+    swap_attention(main, {k: tuple(v) for k, v in spec.items()}, calibration=calib)
+    rebuild_swap(other, swap_record(main).to_dict(), main.state_dict())
+    ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(output(other, ids), output(main, ids), rtol=0, atol=0)
+    assert swap_record(other).to_dict() == swap_record(main).to_dict()
+
+
 def test_per_layer_stage_on_two_processes_equals_one_process_and_only_rank0_writes(base, tmp_path):
     two = tmp_path / "two"
     # a mean-pooled start leaves every layer something to win back in 5 steps (fit is already near the optimum)
@@ -118,6 +144,7 @@ def test_per_layer_stage_on_two_processes_equals_one_process_and_only_rank0_writ
     assert all(s["mse_after"] < s["mse_before"] for s in saved["layerwise"]["layers"])
     # one writer: rank 1 made no write under the run folder; rank 0 wrote the model and the result
     assert set(writes) == {0, 1} and writes[1] == []
+    assert proc.stdout.count('"ppl_uptrained"') == 1  # one summary printed, by the main process
     assert any(p.endswith("uptrain_result.json") for _, p in writes[0])
     assert any("final" in p for _, p in writes[0])
 

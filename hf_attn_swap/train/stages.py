@@ -14,6 +14,12 @@ an :class:`Evaluate`. Every rule about several processes (``accelerate launch --
 - Held-out evaluation runs on the main process and its figure is broadcast.
 - Only the main process writes (``stage1/``, ``final/``, the result JSON; the Trainer saves its checkpoints on the
   main process only); the others wait for it where they read what it wrote.
+- The output folder is checked by the main process before any work and its verdict raised on every process; a
+  failure on one process inside a stage (the conversion, a process's layers) is sent to the others, so every process
+  stops with the same message instead of waiting forever in a collective.
+
+Not covered: FSDP shards only the end-to-end stage (``recipes/configs/fsdp_2gpu.yaml``); the conversion, the
+per-layer stage and the distillation teacher need the full model on each process.
 """
 
 from __future__ import annotations
