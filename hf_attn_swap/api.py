@@ -17,6 +17,7 @@ from torch import nn
 from .configs import VariantConfig
 from .convert.adapters import get_adapter
 from .convert.projections import find_attention
+from .hf_compat import attn_implementation, set_attn_implementation
 from .registry import DISPATCHER_NAME, LAYER_ATTR, LayerSwap, get_variant, layer_swap
 
 logger = logging.getLogger(__name__)
@@ -202,7 +203,7 @@ def _apply_plan(
     """Apply validated plan entries in order and record them (``structure_only``: shapes only, for loading)."""
     adapter = get_adapter(model)
     sites = find_attention(model, adapter)
-    record = swap_record(model) or SwapRecord(original_attn_implementation=model.config._attn_implementation)
+    record = swap_record(model) or SwapRecord(original_attn_implementation=attn_implementation(model))
     for cfg, idx in plan:
         spec = get_variant(type(cfg).variant)
         facts: dict[str, Any] = {}
@@ -235,9 +236,7 @@ def _apply_plan(
 def _select_implementation(model: nn.Module, sites: list) -> None:
     names = {(layer_swap(s.module).variant if layer_swap(s.module) else None) for s in sites}
     impl = get_variant(names.pop()).impl_name if len(names) == 1 and None not in names else DISPATCHER_NAME
-    model.set_attn_implementation(impl)
-    # Some models keep a copy on sub-configs or modules; the model-level config is what masks and layers read.
-    model.config._attn_implementation = impl
+    set_attn_implementation(model, impl)
 
 
 def unswap_attention(model: nn.Module) -> nn.Module:
@@ -264,8 +263,7 @@ def unswap_attention(model: nn.Module) -> nn.Module:
         spec = get_variant(step.variant)
         if spec.restore is not None:
             spec.restore(model, step.layers)
-    model.set_attn_implementation(record.original_attn_implementation)
-    model.config._attn_implementation = record.original_attn_implementation
+    set_attn_implementation(model, record.original_attn_implementation)
     delattr(model, RECORD_ATTR)
     return model
 
