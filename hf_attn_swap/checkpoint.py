@@ -31,6 +31,7 @@ from transformers import AutoConfig
 from . import __version__
 from .api import RECORD_ATTR, SwapRecord, SwapStep, _apply_plan, _plan, swap_record
 from .convert.adapters import get_adapter
+from .hf_compat import attn_implementation, make_v4_loadable, no_init_weights
 from .registry import get_variant
 from .variants.linear import require_feature_map_state
 
@@ -96,6 +97,7 @@ def save_swapped(model: nn.Module, path: str | os.PathLike[str], tokenizer: Any 
             config.save_pretrained(tmp)  # the vanilla family's config, same state dict
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        make_v4_loadable(tmp)  # transformers 4.x and tools pinned to it (llama.cpp's converter) load it too
         sidecar = {
             "format_version": FORMAT_VERSION,
             "hf_attn_swap_version": __version__,
@@ -103,7 +105,7 @@ def save_swapped(model: nn.Module, path: str | os.PathLike[str], tokenizer: Any 
             "saved_model_type": config.model_type,
             "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
             "vanilla": vanilla,
-            "attn_implementation": model.config._attn_implementation,
+            "attn_implementation": attn_implementation(model),
             "record": record.to_dict() if record is not None else None,
             # steps the saved vanilla family runs natively (not replayed on load)
             "exported_steps": sorted(exported),
@@ -152,8 +154,6 @@ def load_swapped(path: str | os.PathLike[str], *, dtype: torch.dtype | None = No
     Raises:
         SidecarMismatchError: the sidecar's steps do not build the tensors in the weights file.
     """
-    from transformers.initialization import no_init_weights
-
     path = Path(path)
     sidecar = read_sidecar(path)
     config = AutoConfig.from_pretrained(path)
@@ -206,7 +206,7 @@ def load_swapped(path: str | os.PathLike[str], *, dtype: torch.dtype | None = No
             raise SidecarMismatchError(f"{path}: weights missing {missing[:5]} / unexpected {list(unexpected)[:5]}")
     if steps:
         # Keep what the original swap knew (lossy, calibration) rather than what the shape-only replay saw.
-        record = swap_record(model) or SwapRecord(original_attn_implementation=model.config._attn_implementation)
+        record = swap_record(model) or SwapRecord(original_attn_implementation=attn_implementation(model))
         record.steps = steps
         record.original_attn_implementation = (sidecar.get("record") or {}).get(
             "original_attn_implementation", record.original_attn_implementation
