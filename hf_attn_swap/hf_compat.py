@@ -20,6 +20,7 @@ import contextlib
 import inspect
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -105,8 +106,6 @@ def attention_function(config: Any, default: Callable) -> Callable:
 def modeling_module_of(module: nn.Module, depth: int = 0) -> Any:
     """The ``modeling_*.py`` module that defines ``type(module)`` (or its ``depth``-th base class), for its private
     helpers (``apply_rotary_pos_emb``, ``eager_attention_forward``)."""
-    import sys
-
     return sys.modules[type(module).__mro__[depth].__module__]
 
 

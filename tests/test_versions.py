@@ -85,6 +85,20 @@ def test_save_swapped_writes_the_portable_form(tmp_path):
     assert "rope_theta" in json.loads((out / "config.json").read_text())
 
 
+def test_a_failing_rewrite_leaves_the_existing_checkpoint_as_it_was(tmp_path, monkeypatch):
+    out = save_swapped(tiny("llama"), tmp_path / "ckpt")
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+
+    def broken(path):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("hf_attn_swap.checkpoint.make_v4_loadable", broken)
+    with pytest.raises(OSError, match="disk full"):
+        save_swapped(tiny("llama", seed=1), out)
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["ckpt"]  # no temporary folder left behind
+
+
 # ------------------------------------------------------------------------ transformers 4.57 and llama.cpp's converter
 
 _V4_LOAD = """
@@ -99,6 +113,40 @@ with torch.no_grad():
     logits = model(ids).logits
 torch.save({"version": transformers.__version__, "ids": ids, "logits": logits}, out)
 """
+
+
+_V4_LOGITS = """
+import sys, torch, transformers
+from transformers import AutoModelForCausalLM
+path, out = sys.argv[1:3]
+model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+with torch.no_grad():
+    logits = model(torch.load(out)["ids"]).logits
+torch.save({"version": transformers.__version__, "model": type(model).__name__, "logits": logits}, out)
+"""
+
+
+@pytest.mark.v4
+@needs_v4
+@pytest.mark.parametrize("arch, variant, options, saved_as", [
+    ("llama", "mqa", {}, "LlamaForCausalLM"),
+    ("qwen2", "gqa", {"groups": 2}, "Qwen2ForCausalLM"),
+    ("gpt2", "mqa", {}, "GPTBigCodeForCausalLM"),  # exported as another family (GPT-BigCode multi_query)
+])
+def test_transformers_4x_loads_tiny_vanilla_conversions(arch, variant, options, saved_as, tmp_path):
+    model = tiny(arch)
+    swap_attention(model, variant, **options)
+    path = save_swapped(model, tmp_path / arch)
+    ids = torch.tensor([[5, 17, 42, 9, 3, 77, 21]])
+    with torch.no_grad():
+        logits = model(ids).logits
+    exchange = tmp_path / "exchange.pt"
+    torch.save({"ids": ids}, exchange)
+    run = subprocess.run([V4_PYTHON, "-c", _V4_LOGITS, str(path), str(exchange)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    got = torch.load(exchange)
+    assert got["version"].startswith("4.") and got["model"] == saved_as
+    assert (got["logits"] - logits).abs().max().item() < 1e-4
 
 
 @pytest.fixture(scope="module")
