@@ -54,9 +54,6 @@ def in_reference_mode() -> bool:
     return _REFERENCE_MODE
 
 
-#: torch >= 2.5 lets SDPA read one K/V head for a group of query heads.
-
-
 def grouped_kv(key: torch.Tensor, value: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """K/V and SDPA keyword arguments for ``heads`` query heads: ``enable_gqa`` where torch has it (no copy), else
     the heads repeated (torch < 2.5, the only option there)."""
