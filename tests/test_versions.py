@@ -94,7 +94,7 @@ def test_a_failing_rewrite_leaves_the_existing_checkpoint_as_it_was(tmp_path, mo
 
     monkeypatch.setattr("hf_attn_swap.checkpoint.make_v4_loadable", broken)
     with pytest.raises(OSError, match="disk full"):
-        save_swapped(tiny("llama", seed=1), out)
+        save_swapped(tiny("llama", seed=1), out, overwrite=True)
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before
     assert sorted(f.name for f in tmp_path.iterdir()) == ["ckpt"]  # no temporary folder left behind
 
