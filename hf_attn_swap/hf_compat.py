@@ -109,6 +109,31 @@ def modeling_module_of(module: nn.Module, depth: int = 0) -> Any:
     return sys.modules[type(module).__mro__[depth].__module__]
 
 
+def model_eager_attention(module: nn.Module) -> Callable[..., Any] | None:
+    """The ``eager_attention_forward`` of ``module``'s own modeling file (a convention of transformers' modeling
+    files, not an API: each family has its own, Gemma-2's caps logits, GPT-2's does not repeat K/V). Walks the MRO so
+    a patched subclass finds its family's function; None when no file along it has one."""
+    for cls in type(module).__mro__:
+        fn = getattr(sys.modules.get(cls.__module__), "eager_attention_forward", None)
+        if fn is not None:
+            return fn
+    return None
+
+
+def module_state_lives_in_dict(module: nn.Module) -> bool:
+    """Whether ``nn.Module`` keeps all of its state (parameters, submodules, buffers, hooks) in containers held in the
+    instance ``__dict__`` (its private ``_parameters``/``_modules``/``_buffers``/``_forward_hooks``... dicts). The
+    undo journal (:mod:`hf_attn_swap.journal`) snapshots those containers and relies on this."""
+    state = vars(module)
+    return all(isinstance(state.get(name), dict) for name in (
+        "_parameters", "_modules", "_buffers", "_forward_hooks", "_forward_pre_hooks"))
+
+
+def tensor_version(t: torch.Tensor) -> int:
+    """A tensor's private in-place write counter (``Tensor._version``): it grows on every in-place write."""
+    return t._version
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Cache layers (CacheLayerMixin subclassing, _layer_type registration, cache.layers replacement)
 # ------------------------------------------------------------------------------------------------------------------

@@ -266,3 +266,27 @@ def test_forward_hook_tables():
     (pre_hooks, pre_kw), (hooks, hooks_kw) = hf_compat.forward_hook_tables(module)
     assert pre_hooks[h1.id] is pre and h1.id in pre_kw, moved("nn.Module._forward_pre_hooks(_with_kwargs)", "layout")
     assert hooks[h2.id] is post and h2.id in hooks_kw, moved("nn.Module._forward_hooks(_with_kwargs)", "layout")
+
+
+def test_eager_attention_function_of_a_modeling_file():
+    model = tiny("gemma2")
+    attn = model.model.layers[0].self_attn
+    from transformers.models.gemma2 import modeling_gemma2
+
+    assert hf_compat.model_eager_attention(attn) is modeling_gemma2.eager_attention_forward, moved(
+        "modeling_*.eager_attention_forward", "Gemma-2's modeling file no longer defines it (untouched eager layers of a "
+        "per-layer swap run it: base_attention.py)"
+    )
+    assert hf_compat.model_eager_attention(torch.nn.Linear(2, 2)) is None
+
+
+def test_module_state_and_tensor_version_counter():
+    module = torch.nn.Linear(2, 2)
+    assert hf_compat.module_state_lives_in_dict(module), moved(
+        "nn.Module._parameters/_modules/_buffers/_forward_hooks", "no longer dicts in the instance __dict__ (the "
+        "swap journal snapshots them: journal.py)"
+    )
+    before = hf_compat.tensor_version(module.weight)
+    with torch.no_grad():
+        module.weight.add_(1.0)
+    assert hf_compat.tensor_version(module.weight) > before, moved("Tensor._version", "no longer grows on in-place writes")
