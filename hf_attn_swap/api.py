@@ -20,6 +20,7 @@ from .configs import VariantConfig
 from .convert.adapters import get_adapter
 from .convert.projections import find_attention
 from .journal import transaction
+from .hf_compat import attn_implementation, set_attn_implementation
 from .registry import DISPATCHER_NAME, LAYER_ATTR, LayerSwap, get_variant, layer_swap
 
 logger = logging.getLogger(__name__)
@@ -222,7 +223,7 @@ def _apply_plan(
     """
     old = swap_record(model)
     record = SwapRecord(
-        original_attn_implementation=old.original_attn_implementation if old else model.config._attn_implementation,
+        original_attn_implementation=old.original_attn_implementation if old else attn_implementation(model),
         steps=list(old.steps) if old else [],
     )
     for cfg, idx in plan:
@@ -278,9 +279,7 @@ def _select_implementation(model: nn.Module, sites: list, original: str) -> str:
         for s in sites:
             if layer_swap(s.module) is None:
                 s.module.__dict__[BASE_IMPL_ATTR] = base
-    model.set_attn_implementation(impl)
-    # Some models keep a copy on sub-configs or modules; the model-level config is what masks and layers read.
-    model.config._attn_implementation = impl
+    set_attn_implementation(model, impl)
     return impl
 
 
@@ -308,7 +307,7 @@ def _summary(model: nn.Module, record: SwapRecord, plan: list[tuple[VariantConfi
     swapped = sum(1 for s in attention_sites(model) if layer_swap(s.module) is not None)
     rest = "" if swapped == n else f"; the other {n - swapped} layer(s) keep {record.original_attn_implementation}"
     return (f"swap_attention: {what} ({swapped} of {n} layers swapped, attn_implementation "
-            f"{model.config._attn_implementation}{rest})")
+            f"{attn_implementation(model)}{rest})")
 
 
 def unswap_attention(model: nn.Module) -> nn.Module:
@@ -340,8 +339,7 @@ def unswap_attention(model: nn.Module) -> nn.Module:
                 spec.restore(model, step.layers)
         for site in find_attention(model, adapter):
             site.module.__dict__.pop(BASE_IMPL_ATTR, None)
-        model.set_attn_implementation(record.original_attn_implementation)
-        model.config._attn_implementation = record.original_attn_implementation
+        set_attn_implementation(model, record.original_attn_implementation)
         delattr(model, RECORD_ATTR)
     return model
 

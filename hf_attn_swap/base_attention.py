@@ -19,13 +19,13 @@ is exact. Each implementation gets it in the format its own mask function would 
 
 from __future__ import annotations
 
-import sys
 from typing import Any, Callable
 
 import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from .hf_compat import model_eager_attention
 from .reference import causal_bool_mask
 
 #: attribute on an untouched attention module: the implementation the model ran before any swap.
@@ -33,16 +33,14 @@ BASE_IMPL_ATTR = "_hf_attn_swap_base_impl"
 
 
 def model_eager_function(module: nn.Module) -> Callable[..., Any]:
-    """The ``eager_attention_forward`` of ``module``'s own modeling file (each family has its own: Gemma-2's caps
-    logits, GPT-2's does not repeat K/V). Walks the MRO so a patched subclass finds its family's function."""
-    for cls in type(module).__mro__:
-        fn = getattr(sys.modules.get(cls.__module__), "eager_attention_forward", None)
-        if fn is not None:
-            return fn
-    raise RuntimeError(
-        f"{type(module).__name__} was loaded with eager attention but its modeling file has no "
-        "eager_attention_forward; load the model with attn_implementation='sdpa' before a per-layer swap"
-    )
+    """The ``eager_attention_forward`` of ``module``'s own modeling file (see :func:`hf_compat.model_eager_attention`)."""
+    fn = model_eager_attention(module)
+    if fn is None:
+        raise RuntimeError(
+            f"{type(module).__name__} was loaded with eager attention but its modeling file has no "
+            "eager_attention_forward; load the model with attn_implementation='sdpa' before a per-layer swap"
+        )
+    return fn
 
 
 def additive_mask(mask: torch.Tensor | None, module: nn.Module, query: torch.Tensor, key: torch.Tensor):

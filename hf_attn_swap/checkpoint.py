@@ -49,6 +49,7 @@ from . import __version__
 from .api import RECORD_ATTR, SwapRecord, SwapStep, _apply_plan, _plan, swap_record
 from .convert.adapters import get_adapter
 from .outputs import CHECKPOINT_KIND, check_output_dir
+from .hf_compat import attn_implementation, make_v4_loadable, no_init_weights
 from .registry import get_variant
 from .variants.linear import require_feature_map_state
 
@@ -170,6 +171,7 @@ def save_swapped(model: nn.Module, path: str | os.PathLike[str], tokenizer: Any 
             config.save_pretrained(tmp)  # the vanilla family's config, same state dict
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        make_v4_loadable(tmp)  # transformers 4.x and tools pinned to it (llama.cpp's converter) load it too
         _mark_config(tmp / "config.json", record, needs_sidecar=not vanilla)
         files = sorted(p.name for p in tmp.iterdir() if p.name != SIDECAR)
         sidecar = {
@@ -179,7 +181,7 @@ def save_swapped(model: nn.Module, path: str | os.PathLike[str], tokenizer: Any 
             "saved_model_type": config.model_type,
             "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
             "vanilla": vanilla,
-            "attn_implementation": model.config._attn_implementation,
+            "attn_implementation": attn_implementation(model),
             "record": record.to_dict() if record is not None else None,
             # steps the saved vanilla family runs natively (not replayed on load)
             "exported_steps": sorted(exported),
@@ -302,8 +304,6 @@ def load_swapped(path: str | os.PathLike[str], *, dtype: torch.dtype | None = No
             sidecar of a checkpoint that needs one is missing.
         SidecarMismatchError: the sidecar's steps do not build the tensors in the weights file.
     """
-    from transformers.initialization import no_init_weights
-
     path = Path(path)
     sidecar = read_sidecar(path)
     if sidecar is None:
@@ -373,7 +373,7 @@ def load_swapped(path: str | os.PathLike[str], *, dtype: torch.dtype | None = No
             raise SidecarMismatchError(f"{path}: weights missing {missing[:5]} / unexpected {list(unexpected)[:5]}")
     if steps:
         # Keep what the original swap knew (lossy, calibration) rather than what the shape-only replay saw.
-        record = swap_record(model) or SwapRecord(original_attn_implementation=model.config._attn_implementation)
+        record = swap_record(model) or SwapRecord(original_attn_implementation=attn_implementation(model))
         record.steps = steps
         record.original_attn_implementation = (sidecar.get("record") or {}).get(
             "original_attn_implementation", record.original_attn_implementation

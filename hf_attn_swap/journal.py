@@ -29,6 +29,8 @@ from typing import Any
 from torch import nn
 from transformers import PretrainedConfig
 
+from .hf_compat import module_state_lives_in_dict, tensor_version
+
 logger = logging.getLogger(__name__)
 
 
@@ -79,15 +81,18 @@ class ModelJournal:
     """What a swap may change on ``model``, recorded so that :meth:`rollback` can put it back."""
 
     def __init__(self, model: nn.Module) -> None:
+        if not module_state_lives_in_dict(model):  # a torch that stores module state elsewhere: no safe rollback
+            raise RuntimeError("this torch no longer keeps nn.Module state in the instance __dict__ (checked by "
+                               "hf_compat.module_state_lives_in_dict): swaps cannot be rolled back; please report it")
         objects: list[Any] = list(model.modules()) + _configs_of(model)
         self._states = [_ObjectState(o) for o in objects]
-        self._versions = {id(p): (name, p, p._version) for name, p in model.named_parameters()}
+        self._versions = {id(p): (name, p, tensor_version(p)) for name, p in model.named_parameters()}
 
     def rollback(self) -> None:
         """Restore every recorded object; log an error for tensors written in place (those cannot be restored)."""
         for state in self._states:
             state.restore()
-        touched = [name for name, t, version in self._versions.values() if t._version != version]
+        touched = [name for name, t, version in self._versions.values() if tensor_version(t) != version]
         if touched:
             logger.error(
                 "the failed swap wrote into %d existing parameter(s) in place (e.g. %s); those values cannot be rolled "
