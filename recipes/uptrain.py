@@ -2,6 +2,7 @@
 
     python recipes/uptrain.py --config recipes/configs/uptrain_smollm2_mqa.yaml [--option value ...] [key=value ...]
     accelerate launch recipes/uptrain.py --config recipes/configs/uptrain_smollm2_mqa.yaml   # several GPUs
+    accelerate launch --config_file recipes/configs/fsdp_2gpu.yaml recipes/uptrain.py --config ...   # sharded
 
 With ``--results PATH.json`` it also writes the measured figures (``ppl_original``, ``ppl_converted``,
 ``ppl_uptrained``, ``tokens``, ``seconds``, the recovery curve) and a Markdown summary beside it. Options are the
@@ -42,7 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     from hf_attn_swap.train import uptrain
 
     result = uptrain(cfg, resume=a.resume)
-    if a.results:
+    from accelerate import PartialState
+
+    if a.results and PartialState().is_main_process:  # under accelerate launch every process returns the figures
         command = "python recipes/uptrain.py " + " ".join(sys.argv[1:] if argv is None else argv)
         out = result.to_dict()
         out["command"] = command

@@ -40,6 +40,10 @@ def run(args: argparse.Namespace) -> int:
     from ..train import uptrain
 
     result = uptrain(cfg, resume=args.resume, overwrite=cfg.overwrite)
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:  # accelerate launch: every process has the figures; one prints them
+        return 0
     summary = {k: result.to_dict()[k] for k in ("ppl_original", "ppl_converted", "ppl_uptrained", "recovery",
                                                   "tokens", "seconds", "output_dir")}
     echo(json.dumps(summary, indent=2))

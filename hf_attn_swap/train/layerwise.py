@@ -41,6 +41,8 @@ class LayerStat:
     mse_after: float
     rel_before: float
     rel_after: float
+    #: the process (``accelerate`` rank) that trained this layer; 0 in a single-process run.
+    rank: int = 0
 
 
 @dataclass
@@ -164,6 +166,10 @@ def module_kwargs(model: nn.Module, input_ids: torch.Tensor) -> dict[str, Any]:
     return seen
 
 
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 def _module_out(module: nn.Module, x: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
     out = module(hidden_states=x, **kwargs)
     y = out[0] if isinstance(out, tuple) else out
@@ -196,7 +202,8 @@ def layerwise_transfer(
         steps: Adam steps per layer (cosine-decayed learning rate).
         lr: peak learning rate.
         batch_rows: rows of ``calibration`` per step.
-        seed: order of the minibatches.
+        seed: order of the minibatches; layer ``i`` draws from its own generator seeded with ``seed + i``, so a
+            layer's result does not depend on which other layers are trained with it (or on which process).
         progress: show a progress bar over layers for this call (else :func:`hf_attn_swap.progress.enable`).
 
     Returns:
@@ -216,7 +223,8 @@ def layerwise_transfer(
 
     adapter = get_adapter(student)
     start = time.perf_counter()
-    batches = _batches(calibration, batch_rows)
+    # The teacher and student may sit on an accelerator (one per process under ``accelerate launch``).
+    batches = [b.to(_device(student)) for b in _batches(calibration, batch_rows)]
     sites = attention_sites(student)
     params_per_layer = [module_parameters(sites[i].module, trainable, adapter.k, adapter.v) for i in idx]
     if not any(params_per_layer):
@@ -224,7 +232,6 @@ def layerwise_transfer(
     xs, ys = capture_teacher(teacher, batches, idx)
     kwargs = module_kwargs(student, batches[0])
     n_rows = xs[0].shape[0]
-    gen = torch.Generator().manual_seed(seed)
     result = LayerwiseResult(tokens=int(n_rows * calibration.shape[1]), steps_per_layer=steps)
     all_params = [p for p in student.parameters()]
     saved_flags = [p.requires_grad for p in all_params]
@@ -246,6 +253,7 @@ def layerwise_transfer(
                     p.requires_grad_(True)
                 opt = torch.optim.Adam(params, lr=lr)
                 sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+                gen = torch.Generator().manual_seed(seed + i)  # per layer: the split across processes cannot matter
                 for _ in range(steps):
                     rows = torch.randperm(n_rows, generator=gen)[:batch_rows]
                     loss = (_module_out(module, x_all[rows], kwargs) - y_all[rows]).pow(2).mean() / scale

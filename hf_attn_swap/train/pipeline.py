@@ -1,8 +1,8 @@
 """``uptrain``: convert a model, win back what the conversion lost, measure before/after, save.
 
-Stages: (0) load the original model, keep a frozen copy as teacher, convert the student; (1) per-layer attention-output
-matching on the teacher's hidden states (:mod:`.layerwise`); (2) end-to-end training with the HF ``Trainer``
-(:mod:`.trainer`). Held-out perplexity is measured on the original, the converted, and every stage's result, always on
+Stages (:mod:`.stages`, where the rules for several processes live): (0) load the original model, keep a frozen copy as
+teacher, convert the student; (1) per-layer attention-output matching on the teacher's hidden states
+(:mod:`.layerwise`); (2) end-to-end training with the HF ``Trainer`` (:mod:`.trainer`). Held-out perplexity is measured on the original, the converted, and every stage's result, always on
 the same windows of text disjoint from the training text. Everything is validated before anything is written.
 """
 
@@ -24,9 +24,7 @@ from .config import UptrainConfig
 
 logger = logging.getLogger(__name__)
 
-STAGE1_DIR = "stage1"
-FINAL_DIR = "final"
-RESULT_FILE = "uptrain_result.json"
+from .stages import FINAL_DIR, RESULT_FILE, STAGE1_DIR  # noqa: F401  (re-exported: where they always were)
 
 
 @dataclass
@@ -58,6 +56,8 @@ class UptrainResult:
     eval_tokens: int = 0
     output_dir: str = ""
     config: dict[str, Any] = field(default_factory=dict)
+    #: how many processes ran it (``accelerate launch --num_processes``); the per-layer stats say which trained what.
+    processes: int = 1
     #: code revision, versions, machine, exact weights and text (:func:`hf_attn_swap.provenance.provenance`).
     provenance: dict[str, Any] = field(default_factory=dict)
     #: the uptrained model itself (not serialised).
@@ -137,12 +137,17 @@ def prepare_data(cfg: UptrainConfig, tokenizer: Any) -> tuple[torch.Tensor, torc
 def uptrain(cfg: UptrainConfig, *, resume: bool | str = False, overwrite: bool = False) -> UptrainResult:
     """Run the whole recipe described by ``cfg`` and save the uptrained model to ``cfg.output_dir/final``.
 
+    Under ``accelerate launch --num_processes N`` the conversion runs once, the per-layer stage is split across the
+    processes by layer, the end-to-end stage is data-parallel, and only the main process writes (see
+    :mod:`.stages`); every process returns the same figures and model.
+
     Args:
         cfg: the options (see :class:`UptrainConfig`).
         resume: continue an interrupted run in ``cfg.output_dir``: True = its latest checkpoint, or a checkpoint
             path. The per-layer stage's result is reloaded from ``output_dir/stage1`` instead of recomputed.
         overwrite: start over in an ``output_dir`` that holds a previous run, or write beside other files there
-            (they are left alone). Without it (or ``resume``) such a folder is refused before anything is loaded.
+            (they are left alone). Without it (or ``resume``, or ``cfg.overwrite``) such a folder is refused, on every
+            process, before anything is loaded.
 
     Returns:
         The measurements; also written to ``output_dir/uptrain_result.json``.
@@ -152,31 +157,33 @@ def uptrain(cfg: UptrainConfig, *, resume: bool | str = False, overwrite: bool =
             an ``output_dir`` it may not write (:class:`~hf_attn_swap.outputs.OutputDirError`). Nothing is written to
             ``output_dir`` in those cases.
     """
-    from ..api import swap_attention
-    from ..checkpoint import load_swapped, save_swapped
-    from ..outputs import RUN_KIND, check_output_dir
+    from ..checkpoint import save_swapped
     from ..registry import get_variant
     from ..zoo import load_model
-    from .layerwise import layerwise_transfer
+    from .stages import (FINAL_DIR, RESULT_FILE, ConvertStage, EndToEndStage, Evaluate, LayerwiseStage, RunContext,
+                         RunState)
     from .trainer import select_trainable
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    variant, options = cfg.swap_spec()
+    cfg.swap_spec()
     if cfg.plan is None:
         get_variant(cfg.variant)  # unknown variant: fail before loading anything
-    out = check_output_dir(cfg.output_dir, overwrite=overwrite or cfg.overwrite, resume=bool(resume), kind=RUN_KIND)
-    t0, c0 = time.perf_counter(), time.process_time()
+    ctx = RunContext.from_accelerate(cfg.output_dir, resume)
+    ctx.check_output_dir(overwrite or cfg.overwrite)  # before any work, the main process's verdict on every process
+    if not ctx.is_main:
+        from .. import progress
 
-    def point(stage: str, ppl: float | None, tokens: int) -> CurvePoint:
-        return CurvePoint(stage, float("nan") if ppl is None else ppl, tokens, time.perf_counter() - t0,
-                          time.process_time() - c0)
+        progress.enable(False)  # one set of bars, from the main process
+    out = ctx.output_dir
+    t0, c0 = time.perf_counter(), time.process_time()
 
     teacher, tokenizer = load_model(cfg.model)
     student = copy.deepcopy(teacher)
     calib, lw_ids, e2e_ids, held = prepare_data(cfg, tokenizer)
-    result = UptrainResult(config=cfg.to_dict(), output_dir=str(out), eval_tokens=0 if held is None else held.numel())
+    result = UptrainResult(config=cfg.to_dict(), output_dir=str(out), eval_tokens=0 if held is None else held.numel(),
+                           processes=ctx.world_size)
     # Validate what the end-to-end stage will train before spending time on conversion.
     if cfg.end_to_end:
         probe = copy.deepcopy(student) if cfg.trainable == "lora" else student
@@ -184,56 +191,46 @@ def uptrain(cfg: UptrainConfig, *, resume: bool | str = False, overwrite: bool =
         del probe
         for p in student.parameters():
             p.requires_grad_(True)
+    run = RunState(cfg, teacher, student, tokenizer, calib, lw_ids, e2e_ids, held, result, t0=t0, c0=c0)
 
-    result.ppl_original = _ppl(teacher, held, cfg)
-    stage1 = out / STAGE1_DIR
-    tokens = 0
-    if resume and (stage1 / "config.json").is_file():
-        logger.info("resuming: loading the per-layer stage's result from %s", stage1)
-        student = load_swapped(stage1)
-        result.layerwise = json.loads((stage1 / "layerwise.json").read_text()) if (stage1 / "layerwise.json").is_file() else None
-        tokens = calib.numel() + lw_ids.numel()
+    result.ppl_original = Evaluate("original")(ctx, run, teacher)
+    layerwise, end_to_end = LayerwiseStage(cfg), EndToEndStage(cfg)
+    if resume and layerwise.saved(ctx):
+        layerwise.restore(ctx, run)  # stands for the conversion too
     else:
-        swap_attention(student, variant, calibration=calib if calib.numel() else None, **options)
-        tokens = calib.numel()
-        result.ppl_converted = _ppl(student, held, cfg)
-        result.curve.append(point("converted", result.ppl_converted, tokens))
-        if lw_ids.numel():
-            lw = layerwise_transfer(student, teacher, lw_ids, trainable=cfg.layerwise_trainable,
-                                    steps=cfg.layerwise_steps, lr=cfg.layerwise_lr, batch_rows=cfg.layerwise_rows,
-                                    seed=cfg.seed, progress=cfg.progress)
-            tokens += lw.tokens
-            result.layerwise = lw.to_dict()
-            ppl = _ppl(student, held, cfg)
-            result.curve.append(point("layerwise", ppl, tokens))
-            if cfg.end_to_end:
-                save_swapped(student, stage1, tokenizer, overwrite=True)  # this run's own, checked above
-                (stage1 / "layerwise.json").write_text(json.dumps(result.layerwise, indent=2))
+        ConvertStage(cfg).run(ctx, run)
+        result.ppl_converted = Evaluate("converted")(ctx, run)
+        if not layerwise.skip() and lw_ids.numel():
+            layerwise.run(ctx, run)
+            Evaluate("layerwise")(ctx, run)
+            if not end_to_end.skip():
+                layerwise.save(ctx, run)
     if result.ppl_converted is None and resume:
         prev = out / RESULT_FILE
-        if prev.is_file():
-            result.ppl_converted = json.loads(prev.read_text()).get("ppl_converted")
+        found = json.loads(prev.read_text()).get("ppl_converted") if ctx.is_main and prev.is_file() else None
+        result.ppl_converted = ctx.share(found)
 
-    if cfg.end_to_end and e2e_ids.shape[0]:
-        student, log, seen = train_end_to_end(student, teacher, e2e_ids, cfg, resume=resume)
-        result.train_log = log
-        tokens += seen
-        ppl = _ppl(student, held, cfg)
-        result.curve.append(point("end_to_end", ppl, tokens))
+    if not end_to_end.skip() and e2e_ids.shape[0]:
+        end_to_end.run(ctx, run)
+        Evaluate("end_to_end")(ctx, run)
+    student = run.student
     result.ppl_uptrained = result.curve[-1].ppl if result.curve and held is not None else None
-    result.tokens = tokens
+    result.tokens = run.tokens
     result.seconds = time.perf_counter() - t0
     result.cpu_seconds = time.process_time() - c0
     if result.ppl_original and result.ppl_converted and result.ppl_uptrained:
         result.recovery = log_gap_recovery(result.ppl_original, result.ppl_converted, result.ppl_uptrained)
-    from ..provenance import provenance
+    if ctx.is_main:  # the only writer; the others wait so that every process returns after the files exist
+        from ..provenance import provenance
 
-    result.provenance = provenance(models=[teacher], corpora=[cfg.corpus, cfg.eval_corpus or cfg.corpus])
-    save_swapped(student, out / FINAL_DIR, tokenizer, overwrite=True)
-    (out / RESULT_FILE).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        result.provenance = provenance(models=[teacher], corpora=[cfg.corpus, cfg.eval_corpus or cfg.corpus])
+        save_swapped(student, out / FINAL_DIR, tokenizer, overwrite=True)  # this run's own, checked above
+        (out / RESULT_FILE).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    ctx.wait()
     result.model = student
     logger.info("uptrain: ppl original %s, converted %s, uptrained %s (recovery %s) with %d tokens in %.0f s",
-                result.ppl_original, result.ppl_converted, result.ppl_uptrained, result.recovery, tokens, result.seconds)
+                result.ppl_original, result.ppl_converted, result.ppl_uptrained, result.recovery, run.tokens,
+                result.seconds)
     return result
 
 
@@ -253,7 +250,8 @@ def train_end_to_end(student: nn.Module, teacher: nn.Module | None, blocks: torc
 
     data = BlockDataset(blocks)
     model = select_trainable(student, cfg.trainable, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha)
-    use_cpu = not torch.cuda.is_available()
+    from .stages import use_cpu
+
     args = TrainingArguments(
         output_dir=cfg.output_dir,
         per_device_train_batch_size=cfg.batch_size,
@@ -269,7 +267,7 @@ def train_end_to_end(student: nn.Module, teacher: nn.Module | None, blocks: torc
         save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit,
         report_to=[],
-        use_cpu=use_cpu,
+        use_cpu=use_cpu(),
         seed=cfg.seed,
         data_seed=cfg.seed,
         remove_unused_columns=False,
@@ -286,17 +284,30 @@ def train_end_to_end(student: nn.Module, teacher: nn.Module | None, blocks: torc
         lm_weight=cfg.lm_weight, kl_weight=cfg.kl_weight, attn_weight=cfg.attn_weight, temperature=cfg.temperature,
     )
     ckpt = resume if isinstance(resume, str) else (True if resume and _has_checkpoint(cfg.output_dir) else None)
+    # Under FSDP (accelerate launch --config_file recipes/configs/fsdp_*.yaml) training shards the parameters in
+    # place; an unsharded copy taken now receives the gathered full weights afterwards.
+    template = copy.deepcopy(model) if getattr(trainer, "is_fsdp_enabled", False) else None
     trainer.train(resume_from_checkpoint=ckpt)
     log = [dict(e) for e in trainer.state.log_history]
     seen = int(trainer.state.num_input_tokens_seen or trainer.state.global_step * cfg.batch_size * cfg.grad_accum
                * blocks.shape[1])
-    model = trainer.model
+    model = trainer.model if template is None else _unshard(trainer, template)
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()  # LoRA folded into the weights: saves as a plain model
     for p in model.parameters():
         p.requires_grad_(False)
     model.eval()
     return model, log, seen
+
+
+def _unshard(trainer: Any, template: nn.Module) -> nn.Module:
+    """The FSDP-trained weights, gathered in full (a collective: every process calls it) into ``template``."""
+    from .stages import RunContext
+
+    ctx = RunContext.from_accelerate(trainer.args.output_dir)
+    full = trainer.accelerator.get_state_dict(trainer.model)  # full on the main process, CPU; empty elsewhere
+    template.load_state_dict(ctx.share(full if ctx.is_main else None), strict=True)
+    return template
 
 
 def _has_checkpoint(output_dir: str) -> bool:
