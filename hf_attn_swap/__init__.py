@@ -73,3 +73,8 @@ __all__ += ["CheckpointIntegrityError", "OutputDirError", "SidecarMismatchError"
 from . import progress  # noqa: E402
 
 __all__ += ["progress"]
+
+# Device and dtype names of eval/uptrain, checked (and probed) before anything loads.
+from .devices import resolve as resolve_device_dtype  # noqa: E402
+
+__all__ += ["resolve_device_dtype"]

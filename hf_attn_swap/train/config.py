@@ -85,6 +85,9 @@ class UptrainConfig:
     logging_steps: int = field(default=5, metadata=_help("log the loss every N steps"))
     seed: int = field(default=0, metadata=_help("seed of data order and initialisation"))
     threads: int | None = field(default=None, metadata=_help("torch CPU threads (None = torch's default)"))
+    device: str = field(default="cpu", metadata=_help("where the student, the teacher and every batch run: cpu, cuda, "
+                                                      "cuda:N, mps"))
+    dtype: str = field(default="float32", metadata=_help("parameter dtype of student and teacher: float32 or bfloat16"))
     progress: bool = field(default=True, metadata=_help("progress bars"))
 
     def __post_init__(self) -> None:
@@ -134,6 +137,15 @@ class UptrainConfig:
             raise ValueError("plan must be a non-empty mapping {layers: variant or [variant, {options}]}")
         if self.max_seconds is not None:
             positive("max_seconds")
+        from ..devices import dtype_name, resolve_dtype
+
+        self.dtype = dtype_name(resolve_dtype(self.dtype))  # unknown names: one line listing the allowed ones
+        if self.dtype == "float16":
+            raise ValueError("dtype=float16 cannot train here: pure float16 weights need loss scaling and float32 "
+                             "master weights, which uptrain does not do (its gradients underflow); allowed: float32, "
+                             "bfloat16")
+        if not isinstance(self.device, str) or not self.device:
+            raise ValueError(f"device must be a device name (cpu, cuda, cuda:N, mps), got {self.device!r}")
 
     def swap_spec(self) -> tuple[Any, dict[str, Any]]:
         """``(variant, options)`` as :func:`hf_attn_swap.swap_attention` takes them (a plan: options empty)."""

@@ -158,6 +158,9 @@ def uptrain(cfg: UptrainConfig, *, resume: bool | str = False, overwrite: bool =
     from .layerwise import layerwise_transfer
     from .trainer import select_trainable
 
+    from ..devices import resolve
+
+    device, dtype = resolve(cfg.device, cfg.dtype)  # before anything is written or loaded
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -171,9 +174,12 @@ def uptrain(cfg: UptrainConfig, *, resume: bool | str = False, overwrite: bool =
         return CurvePoint(stage, float("nan") if ppl is None else ppl, tokens, time.perf_counter() - t0,
                           time.process_time() - c0)
 
-    teacher, tokenizer = load_model(cfg.model)
+    teacher, tokenizer = load_model(cfg.model, dtype=dtype)
+    teacher = teacher.to(device)
     student = copy.deepcopy(teacher)
     calib, lw_ids, e2e_ids, held = prepare_data(cfg, tokenizer)
+    calib, lw_ids = calib.to(device), lw_ids.to(device)  # end-to-end batches: the Trainer moves each one
+    logger.info("uptrain: student and teacher on %s in %s", device, cfg.dtype)
     result = UptrainResult(config=cfg.to_dict(), output_dir=str(out), eval_tokens=0 if held is None else held.numel())
     # Validate what the end-to-end stage will train before spending time on conversion.
     if cfg.end_to_end:
@@ -188,7 +194,7 @@ def uptrain(cfg: UptrainConfig, *, resume: bool | str = False, overwrite: bool =
     tokens = 0
     if resume and (stage1 / "config.json").is_file():
         logger.info("resuming: loading the per-layer stage's result from %s", stage1)
-        student = load_swapped(stage1)
+        student = load_swapped(stage1).to(device=device, dtype=dtype)
         result.layerwise = json.loads((stage1 / "layerwise.json").read_text()) if (stage1 / "layerwise.json").is_file() else None
         tokens = calib.numel() + lw_ids.numel()
     else:
@@ -248,7 +254,7 @@ def train_end_to_end(student: nn.Module, teacher: nn.Module | None, blocks: torc
 
     data = BlockDataset(blocks)
     model = select_trainable(student, cfg.trainable, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha)
-    use_cpu = not torch.cuda.is_available()
+    use_cpu = next(student.parameters()).device.type == "cpu"  # the Trainer keeps the model where uptrain put it
     args = TrainingArguments(
         output_dir=cfg.output_dir,
         per_device_train_batch_size=cfg.batch_size,
