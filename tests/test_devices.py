@@ -140,7 +140,8 @@ def test_eval_refuses_a_passed_model_elsewhere_and_leaves_it(tiny_dir, tmp_path)
     model, tok = load_model(str(tiny_dir / "model"))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match=r"^the model passed is on cpu in float32, the config asks for cpu in bfloat16"):
-        run_comparison(_eval_cfg(tiny_dir, tmp_path / "x", dtype="bfloat16"), model=model, tokenizer=tok, write=False)
+        run_comparison(_eval_cfg(tiny_dir, tmp_path / "x", dtype="bfloat16"), model=model, tokenizer=tok)
+    assert not (tmp_path / "x").exists()
     assert all(torch.equal(before[k], v) and v.dtype == torch.float32 for k, v in model.state_dict().items())
 
 

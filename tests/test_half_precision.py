@@ -5,11 +5,13 @@ How each case is built: a tiny random Llama is swapped in float32 (conversions i
 between them is arithmetic, not weights. ``ref`` always runs in ``reference_mode`` (dense float32 oracle).
 
 Errors are norm-wise relative, ``|a - b| / |b|`` over the non-padding rows: one element near zero cannot dominate, and
-one number is comparable across variants. Where a bound comes from (unit roundoff u = 2^-8 = 3.9e-3 for bfloat16,
+one number is comparable across variants. Where the bounds come from (unit roundoff u = 2^-8 = 3.9e-3 for bfloat16,
 2^-11 = 4.9e-4 for float16): every op of the half model (embeddings, norms, projections, MLP, the variant) rounds its
-output once, and over two layers those roundings add up to a few u in the logits; the bounds below are ~3 u
-(bfloat16) and ~10 u (float16, whose u is 8x smaller but whose rounding count is the same) above what was measured
-with the dense oracle in the half model (``floor``), which no variant can beat.
+output once; over two layers the dense oracle run in the half model itself (``floor``, the best any kernel can do)
+measured 1.1-1.3 u on logits in both dtypes and the variants 1.1-1.3 u too. The logits' bounds (1.5e-2 = 3.8 u
+bfloat16, 3e-3 = 6 u float16) leave room for other seeds and shapes; the second check, at most twice the floor plus
+u, is the one that ties each variant to the oracle. Logits are dominated by the rest of the network, so the kernels
+are also held to the oracle alone further down, elementwise and in u.
 
 Torch 2.13 on a CPU runs both half dtypes (matmul, SDPA, its CPU flash kernel with float32 log-sum-exp), slowly
 without AVX-512 BF16/FP16; every case therefore also runs in float16.
@@ -375,3 +377,36 @@ def test_fit_calibrated_in_half_model_runs_like_float32_fit(dtype):
     with torch.no_grad():
         e = _rel(_logits(half, ids, am)[keep], _logits(f32, ids, am)[keep])
     assert e < TOL[dtype]["out"], f"{e:.2e}"
+
+
+# ------------------------------------------------------------------ real weights: SmolLM2-135M in bfloat16
+
+REAL_VARIANTS = {"baseline": None, "flash": ("flash", {}), "sliding_window-256": ("sliding_window", {"window": 256})}
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("variant", list(REAL_VARIANTS))
+def test_smollm2_bfloat16_perplexity_within_1_percent_of_float32(smollm2, variant):
+    """Perplexity of SmolLM2-135M on 2048 held-out Shakespeare tokens at context 512, converted to bfloat16 after
+    the swap, within 1% of the float32 figure (measured differences: see the report / commit message). 1% is about
+    what bfloat16 weights alone cost a model this size; a variant that lost precision in its kernel (softmax or
+    window merge in bfloat16) would add to it at every layer of 30. Slow on a CPU without native bfloat16
+    (~1-2 min per variant on one thread)."""
+    from hf_attn_swap.data import load_text, tokenize
+    from hf_attn_swap.eval.perplexity import perplexity
+
+    model, tok = smollm2
+    ids = tokenize(tok, load_text("shakespeare", split="validation"), 2048)
+    assert ids.numel() == 2048
+    work = copy.deepcopy(model)
+    if REAL_VARIANTS[variant] is not None:
+        name, opts = REAL_VARIANTS[variant]
+        swap_attention(work, name, **opts)
+    with torch.no_grad():
+        p32 = perplexity(work, ids, context=512, batch_size=1).token_ppl
+        work.to(torch.bfloat16)
+        assert next(work.parameters()).dtype == torch.bfloat16
+        p16 = perplexity(work, ids, context=512, batch_size=1).token_ppl
+    rel = abs(p16 - p32) / p32
+    print(f"{variant}: float32 {p32:.4f}, bfloat16 {p16:.4f}, {100 * rel:+.3f}%")
+    assert rel < 0.01, f"{variant}: float32 {p32:.3f}, bfloat16 {p16:.3f} ({100 * rel:.2f}%)"

@@ -455,12 +455,13 @@ def run_comparison(
             corpus, lengths beyond the model's context.
     """
     from ..data import load_text, tokenize
-    from .speed import environment, num_threads
-
     from ..devices import resolve
+    from .speed import environment, num_threads
 
     t_start = time.perf_counter()
     resolve(cfg.device, cfg.dtype)  # CUDA that is not here, a dtype the device cannot run: one line, nothing loaded
+    if model is not None:
+        _check_placement(cfg, model)
     if write:
         from ..outputs import EVAL_KIND, check_output_dir
 
@@ -471,8 +472,6 @@ def run_comparison(
         model, tokenizer = _load(cfg)
     elif tokenizer is None:
         raise ValueError("pass the tokenizer together with the model")
-    else:
-        _check_placement(cfg, model)
     model.eval()
     _check_lengths(cfg, model)
 
