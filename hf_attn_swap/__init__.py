@@ -46,6 +46,8 @@ _EXPORTS = {
     "verify_checkpoint": "checkpoint",
     "OutputDirError": "outputs",
     "check_output_dir": "outputs",
+    # device and dtype names of eval/uptrain, checked (and probed) before anything loads
+    "resolve_device_dtype": "devices",
 }
 #: submodules exported as such: progress bars (off in the library, on in the CLI): ``hf_attn_swap.progress.enable()``.
 _SUBMODULES = ("progress",)

@@ -49,7 +49,7 @@ def input_second_moments(model: nn.Module, modules: list[nn.Module], calibration
             x = x.detach().double().reshape(-1, x.shape[-1])
             if keep["mask"] is not None:
                 x = x[keep["mask"]]
-            x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
+            x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], dim=1)
             acc = x.mT @ x
             sums[i] = acc if sums[i] is None else sums[i] + acc
 
@@ -59,7 +59,8 @@ def input_second_moments(model: nn.Module, modules: list[nn.Module], calibration
     was_training = model.training
     model.eval()
     try:
-        batches = list(_as_batches(calibration))
+        device = next(model.parameters()).device  # calibration ids arrive on the CPU; the model may be elsewhere
+        batches = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()} for b in _as_batches(calibration)]
         for batch in progress(batches, desc="calibration", unit="batch"):
             mask = batch.get("attention_mask")
             keep["mask"] = None if mask is None else mask.reshape(-1).bool()

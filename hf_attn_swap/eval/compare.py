@@ -93,10 +93,26 @@ def _check_lengths(cfg: EvalConfig, model: torch.nn.Module) -> None:
 
 
 def _load(cfg: EvalConfig):
+    from ..devices import resolve
     from ..zoo import load_model
 
-    model, tok = load_model(cfg.model, dtype=getattr(torch, cfg.dtype))
-    return model.to(cfg.device).eval(), tok
+    device, dtype = resolve(cfg.device, cfg.dtype)
+    model, tok = load_model(cfg.model, dtype=dtype)
+    return model.to(device=device, dtype=dtype).eval(), tok
+
+
+def _check_placement(cfg: EvalConfig, model: torch.nn.Module) -> None:
+    """A model passed in must already be where ``cfg`` says: the comparison never moves (modifies) it."""
+    from ..devices import dtype_name, resolve
+
+    device, dtype = resolve(cfg.device, cfg.dtype)
+    p = next(model.parameters())
+    same_device = p.device.type == device.type and (device.index is None or p.device.index == device.index)
+    if not same_device or p.dtype != dtype:
+        raise ValueError(
+            f"the model passed is on {p.device} in {dtype_name(p.dtype)}, the config asks for {device} in "
+            f"{dtype_name(dtype)}; move it (model.to(device, dtype)) or set device/dtype in the config to match"
+        )
 
 
 def run_comparison(
@@ -125,9 +141,13 @@ def run_comparison(
             corpus, lengths beyond the model's context.
     """
     from ..data import load_text, tokenize
+    from ..devices import resolve
     from .speed import environment, num_threads
 
     t_start = time.perf_counter()
+    resolve(cfg.device, cfg.dtype)  # CUDA that is not here, a dtype the device cannot run: one line, nothing loaded
+    if model is not None:
+        _check_placement(cfg, model)
     if write:
         from ..outputs import EVAL_KIND, check_output_dir
 
@@ -224,6 +244,9 @@ def run_comparison(
     from .perplexity import NORMALISATION
 
     meta["normalisation"] = NORMALISATION
+    # What every phase actually ran in, read off the model (not the config): results.md states it in its header.
+    meta["run_on"] = {"device": env["device"], "dtype": env["dtype"], "eval_threads": _threads(cfg.eval_threads),
+                      "speed_threads": _threads(cfg.speed.threads)}
     for r in records:
         r["run_runtime_s"] = meta["runtime_s"]
     if write:
@@ -232,6 +255,11 @@ def run_comparison(
         write_reports(records, meta, cfg.out, plot=cfg.plot)
     logger.info("comparison of %d variant(s) done in %.0f s", len(records), runtime)
     return records
+
+
+def _threads(n: int | None) -> int:
+    """Torch threads a phase configured with ``n`` runs on (None: torch's current count)."""
+    return int(n) if n is not None else torch.get_num_threads()
 
 
 def _registered() -> list[str]:

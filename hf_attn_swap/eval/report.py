@@ -124,6 +124,12 @@ def markdown(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = [f"# Attention variants of `{cfg.get('model')}`", ""]
     if meta.get("command"):
         lines += [f"Command: `{meta['command']}`", ""]
+    if meta.get("run_on"):
+        ro = meta["run_on"]
+        lines += [f"Ran on: {ro['device']}, {ro['dtype']} (the baseline, every variant and the token "
+                  f"ids); "
+                  f"{ro['eval_threads']} thread(s) for perplexity, passkey and calibration, {ro['speed_threads']} for "
+                  "timing.", ""]
     p = cfg.get("perplexity", {})
     lines += [
         f"Perplexity: {meta.get('eval_tokens')} tokens of `{p.get('corpus')}` ({p.get('split')} split), context "

@@ -85,6 +85,9 @@ class UptrainConfig:
     threads: int | None = opt(1, min=1, help=(
         "torch CPU threads (1: on a busy 2-core machine two threads stall on small matmuls; raise it on an idle or "
         "larger machine; null = torch's default)"))
+    device: str = opt("cpu", help="where the student, the teacher and every batch run: cpu, cuda, cuda:N, mps")
+    dtype: str = opt("float32", choices=("float32", "bfloat16", "float16"), help=(
+        "parameter dtype of student and teacher (float16 is refused: it would need loss scaling)"))
     progress: bool = opt(True, help="progress bars")
 
     def __post_init__(self) -> None:
@@ -101,6 +104,12 @@ class UptrainConfig:
             raise ConfigError("all objective weights are 0: set lm_weight, kl_weight or attn_weight")
         if self.plan is not None and not self.plan:
             raise ConfigError("plan must be a non-empty mapping {layers: variant or [variant, {options}]}")
+        if self.dtype == "float16":
+            raise ConfigError("dtype=float16 cannot train here: pure float16 weights need loss scaling and float32 "
+                              "master weights, which uptrain does not do (its gradients underflow); allowed: float32, "
+                              "bfloat16")
+        if not self.device:
+            raise ConfigError("device must be a device name (cpu, cuda, cuda:N, mps), got ''")
 
     def swap_spec(self) -> tuple[Any, dict[str, Any]]:
         """``(variant, options)`` as :func:`hf_attn_swap.swap_attention` takes them (a plan: options empty)."""

@@ -171,11 +171,14 @@ def _device(model: nn.Module) -> torch.device:
 
 
 def _module_out(module: nn.Module, x: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
-    out = module(hidden_states=x, **kwargs)
+    # The teacher's activations are kept in float32; a half-precision student takes them in its own dtype, and its
+    # output comes back in float32 so that the MSE is summed in float32.
+    weight = next(module.parameters(), None)
+    out = module(hidden_states=x if weight is None else x.to(weight.dtype), **kwargs)
     y = out[0] if isinstance(out, tuple) else out
     if not isinstance(y, torch.Tensor):
         raise ValueError(f"attention module {type(module).__name__} returned no output tensor to transfer")
-    return y
+    return y.float()
 
 
 def layerwise_transfer(

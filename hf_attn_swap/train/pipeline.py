@@ -164,6 +164,9 @@ def uptrain(cfg: UptrainConfig, *, resume: bool | str = False, overwrite: bool =
                          RunState)
     from .trainer import select_trainable
 
+    from ..devices import resolve
+
+    device, dtype = resolve(cfg.device, cfg.dtype)  # before anything is written or loaded
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -179,9 +182,12 @@ def uptrain(cfg: UptrainConfig, *, resume: bool | str = False, overwrite: bool =
     out = ctx.output_dir
     t0, c0 = time.perf_counter(), time.process_time()
 
-    teacher, tokenizer = load_model(cfg.model)
+    teacher, tokenizer = load_model(cfg.model, dtype=dtype)
+    teacher = teacher.to(device)
     student = copy.deepcopy(teacher)
     calib, lw_ids, e2e_ids, held = prepare_data(cfg, tokenizer)
+    calib, lw_ids = calib.to(device), lw_ids.to(device)  # end-to-end batches: the Trainer moves each one
+    logger.info("uptrain: student and teacher on %s in %s", device, cfg.dtype)
     result = UptrainResult(config=cfg.to_dict(), output_dir=str(out), eval_tokens=0 if held is None else held.numel(),
                            processes=ctx.world_size)
     # Validate what the end-to-end stage will train before spending time on conversion.
@@ -252,6 +258,8 @@ def train_end_to_end(student: nn.Module, teacher: nn.Module | None, blocks: torc
     model = select_trainable(student, cfg.trainable, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha)
     from .stages import use_cpu
 
+    # The Trainer keeps the model where uptrain put it: CPU when there is no GPU, accelerate says --cpu, or device=cpu.
+    cpu = use_cpu() or next(student.parameters()).device.type == "cpu"
     args = TrainingArguments(
         output_dir=cfg.output_dir,
         per_device_train_batch_size=cfg.batch_size,
@@ -267,7 +275,7 @@ def train_end_to_end(student: nn.Module, teacher: nn.Module | None, blocks: torc
         save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit,
         report_to=[],
-        use_cpu=use_cpu(),
+        use_cpu=cpu,
         seed=cfg.seed,
         data_seed=cfg.seed,
         remove_unused_columns=False,

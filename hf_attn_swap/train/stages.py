@@ -275,7 +275,8 @@ class LayerwiseStage(Stage):
 
         stage1 = ctx.output_dir / STAGE1_DIR
         logger.info("resuming: loading the per-layer stage's result from %s", stage1)
-        run.student = load_swapped(stage1)
+        where = next(run.teacher.parameters())  # the run's device and dtype (uptrain's device=, dtype=)
+        run.student = load_swapped(stage1).to(device=where.device, dtype=where.dtype)
         lw = stage1 / "layerwise.json"
         run.result.layerwise = json.loads(lw.read_text()) if lw.is_file() else None
         run.tokens = run.calib.numel() + run.layerwise_ids.numel()
