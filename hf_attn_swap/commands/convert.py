@@ -23,6 +23,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calib-tokens", type=int, default=4096, help="calibration tokens for strategy=fit")
     p.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens for perplexity (0 = skip)")
     p.add_argument("--context", type=int, default=512, help="perplexity window")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="dtype the weights are loaded, calibrated and saved in")
+    p.add_argument("--device", default=None, help="where the model is loaded and calibrated: cpu, cuda, cuda:N "
+                   "(default: cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--out", default=None, help="save the converted model here (atomic, with sidecar)")
     p.set_defaults(func=run)
@@ -45,10 +49,19 @@ def run(args: argparse.Namespace) -> int:
     if len(specs) != 1:
         raise ValueError(f"--variant takes one variant, got {len(specs)}: use a per-layer plan from Python instead")
     name, options = specs[0]
-    model, tok = load_model(args.model)
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     causal = type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))  # else an encoder (embeddings)
+    if tok is None and (args.eval_tokens or not causal):
+        raise ValueError(f"{args.model} has no tokenizer: only a causal LM converted with --eval-tokens 0 can run "
+                         "without one (calibration then uses random token ids)")
     calibration = None
-    if options.get("strategy") == "fit":
+    if options.get("strategy") == "fit" and tok is None:
+        # A random-initialised checkpoint has no tokenizer: uniformly random ids within its vocabulary (seeded).
+        gen = torch.Generator().manual_seed(0)
+        n_blocks = max(1, args.calib_tokens // 512)
+        calibration = torch.randint(0, model.config.vocab_size, (n_blocks, min(512, args.calib_tokens)), generator=gen)
+        echo(f"calibration: {calibration.numel()} random token ids (no tokenizer in {args.model})")
+    elif options.get("strategy") == "fit":
         train = load_text(args.corpus, split="train")
         if causal:
             calibration = token_blocks(tok, train, 512, max_tokens=args.calib_tokens)

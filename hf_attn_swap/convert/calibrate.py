@@ -1,8 +1,25 @@
-"""Calibration statistics: second moments of what each attention module reads, on real text."""
+"""Calibration statistics: second moments of what each attention module reads, on real text.
+
+Two ways to collect the same statistics:
+
+- :func:`layerwise_second_moments` (the default where it applies): run the embedding once, keep the hidden states of
+  the calibration tokens, then push them through one decoder layer at a time (GPTQ-style). Each layer's weights are
+  used once for all batches, which is what makes offloaded models (accelerate ``device_map`` / ``cpu_offload``) cheap
+  to calibrate: a whole-model forward per batch would page every layer in once per batch. Peak memory beyond the
+  weights is the carried hidden states (``n_tokens x hidden``) plus one layer's working set.
+- :func:`input_second_moments`: one whole-model forward per batch with hooks (the original path, kept as the fallback
+  for models whose layer stack cannot be found).
+
+Both read every layer's input from the ORIGINAL model (nothing is converted until all statistics are collected), so
+they give the same numbers. Batches run on the model's device and in its dtype; the sums ``X^T X`` are accumulated in
+float64 on the device the activations live on (no ``n_tokens x hidden`` copy to the CPU per layer; a GPU's float64
+matmul on a ``(tokens, E)`` block is still far cheaper than the transfer) and returned on that device.
+"""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import torch
@@ -27,47 +44,262 @@ def _as_batches(calibration: Any) -> Iterable[dict[str, torch.Tensor]]:
         )
 
 
+def input_device(model: nn.Module) -> torch.device:
+    """Where the model reads its input ids: the input embedding's device (its accelerate execution device when the
+    weights are offloaded to ``meta``)."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is not None:
+        hook = getattr(emb, "_hf_hook", None)
+        if getattr(hook, "execution_device", None) is not None:
+            return torch.device(hook.execution_device)
+        if emb.weight.device.type != "meta":
+            return emb.weight.device
+    for p in model.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")
+
+
+def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+@dataclass
+class _Moments:
+    """Running ``sum x x^T`` (float64, with a constant-1 coordinate) of each watched module's input."""
+
+    n: int
+    sums: list[torch.Tensor | None] = field(default_factory=list)
+    mask: torch.Tensor | None = None  # flat keep-mask of the current batch (padding excluded)
+
+    def __post_init__(self) -> None:
+        self.sums = [None] * self.n
+
+    def hook(self, i: int):
+        def pre_hook(_mod, args, kwargs):
+            x = kwargs.get("hidden_states", args[0] if args else None)
+            x = x.detach().reshape(-1, x.shape[-1]).double()
+            if self.mask is not None:
+                x = x[self.mask.to(x.device)]
+            x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], dim=1)
+            acc = x.mT @ x
+            self.sums[i] = acc if self.sums[i] is None else self.sums[i] + acc
+
+        return pre_hook
+
+    def result(self, tokens: int, n_modules: int) -> tuple[list[torch.Tensor], int]:
+        if tokens == 0 or any(s is None for s in self.sums):
+            raise ValueError("calibration produced no activations: pass at least one non-empty batch of input ids")
+        logger.info("calibration: %d tokens through %d attention modules", tokens, n_modules)
+        return [s / tokens for s in self.sums], tokens
+
+
+def _tokens(batch: dict[str, Any]) -> tuple[int, torch.Tensor | None]:
+    mask = batch.get("attention_mask")
+    keep = None if mask is None else mask.reshape(-1).bool()
+    return int(batch["input_ids"].numel() if mask is None else mask.sum()), keep
+
+
 @torch.no_grad()
-def input_second_moments(model: nn.Module, modules: list[nn.Module], calibration: Any) -> tuple[list[torch.Tensor], int]:
-    """``E[x x^T]`` of each module's input ``hidden_states``, with a trailing constant-1 coordinate.
+def input_second_moments(
+    model: nn.Module, modules: list[nn.Module], calibration: Any, *, device: torch.device | str | None = None
+) -> tuple[list[torch.Tensor], int]:
+    """``E[x x^T]`` of each module's input ``hidden_states``, with a trailing constant-1 coordinate (whole-model path).
 
     The extra coordinate lets the fit treat biases as weights of a constant input. Padding positions (where an
     ``attention_mask`` in the batch is 0) are excluded.
 
+    Args:
+        model: the model, on any device and in any dtype (the forward runs in the model's dtype).
+        modules: attention modules whose inputs are measured.
+        calibration: input ids ``(n, L)``, a dict of model inputs or a list of such dicts.
+        device: where the batches go; default :func:`input_device`.
+
     Returns:
-        (one ``(E+1, E+1)`` float64 matrix per module, number of tokens seen)
+        (one ``(E+1, E+1)`` float64 matrix per module, on the activations' device; number of tokens seen)
     """
-    sums: list[torch.Tensor | None] = [None] * len(modules)
-    keep: dict[str, torch.Tensor | None] = {"mask": None}
+    device = torch.device(device) if device is not None else input_device(model)
+    moments = _Moments(len(modules))
     tokens = 0
-
-    def make_hook(i: int):
-        def hook(_mod, args, kwargs):
-            x = kwargs.get("hidden_states", args[0] if args else None)
-            x = x.detach().double().reshape(-1, x.shape[-1])
-            if keep["mask"] is not None:
-                x = x[keep["mask"]]
-            x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
-            acc = x.mT @ x
-            sums[i] = acc if sums[i] is None else sums[i] + acc
-
-        return hook
-
-    handles = [m.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, m in enumerate(modules)]
+    handles = [m.register_forward_pre_hook(moments.hook(i), with_kwargs=True) for i, m in enumerate(modules)]
     was_training = model.training
     model.eval()
     try:
         for batch in _as_batches(calibration):
-            mask = batch.get("attention_mask")
-            keep["mask"] = None if mask is None else mask.reshape(-1).bool()
-            n = int(batch["input_ids"].numel() if mask is None else mask.sum())
+            n, moments.mask = _tokens(batch)
             tokens += n
-            model(**batch, use_cache=False)
+            model(**_to(batch, device), use_cache=False)
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
-    if tokens == 0 or any(s is None for s in sums):
-        raise ValueError("calibration produced no activations: pass at least one non-empty batch of input ids")
-    logger.info("calibration: %d tokens through %d attention modules", tokens, len(modules))
-    return [s / tokens for s in sums], tokens
+    return moments.result(tokens, len(modules))
+
+
+class _Captured(Exception):
+    """Raised by the capture stub of the last needed layer: the rest of the forward is not needed."""
+
+
+def decoder_layers(model: nn.Module, modules: list[nn.Module]) -> nn.ModuleList | None:
+    """The model's stack of layers: the ``ModuleList`` each of whose elements holds exactly one of ``modules``.
+
+    Returns None where no such list exists (then only the whole-model path applies).
+    """
+    wanted = {id(m) for m in modules}
+    for lst in model.modules():
+        if not isinstance(lst, nn.ModuleList) or len(lst) == 0:
+            continue
+        counts = [sum(id(m) in wanted for m in layer.modules()) for layer in lst]
+        if all(c <= 1 for c in counts) and sum(counts) == len(wanted):
+            return lst
+    return None
+
+
+@torch.no_grad()
+def _capture_layer_inputs(model, layers, last: int, batches, device):
+    """For every batch: layer 0's hidden states and, for each layer ``<= last``, the other args/kwargs the model passes.
+
+    Each layer's forward is temporarily replaced by a stub that records its call and returns the hidden states
+    unchanged (transformers 5.x layers return a tensor), and the stub of layer ``last`` stops the forward. Only the
+    embedding and the mask/position computations run; the per-layer calls are captured separately because some
+    models pass different masks or rotary tables to different layers (Gemma 3, sliding-window Qwen 3).
+    """
+    calls: list[list[tuple[tuple, dict]]] = []  # [batch][layer] -> (args, kwargs) with the hidden states cut out
+    states: list[torch.Tensor] = []
+    saved = [layer.__dict__.get("forward") for layer in layers]  # accelerate keeps its hooked forward here
+
+    def stub(j: int):
+        def forward(*args, **kwargs):
+            if "hidden_states" in kwargs:
+                hidden = kwargs.pop("hidden_states")
+                rest = (args, kwargs, "kw")
+            else:
+                hidden, rest = args[0], (args[1:], kwargs, "pos")
+            if j == 0:
+                states.append(hidden)
+            calls[-1].append(rest)
+            if j == last:
+                raise _Captured
+            return hidden
+
+        return forward
+
+    try:
+        for j in range(last + 1):
+            layers[j].forward = stub(j)
+        for batch in batches:
+            calls.append([])
+            try:
+                model(**_to(batch, device), use_cache=False)
+            except _Captured:
+                pass
+            else:
+                raise RuntimeError("layer-by-layer calibration: the model's forward never reached its last layer")
+    finally:
+        for layer, fwd in zip(layers[: last + 1], saved):
+            if fwd is None:
+                del layer.forward
+            else:
+                layer.forward = fwd
+    return states, calls
+
+
+def _call_layer(layer: nn.Module, hidden: torch.Tensor, rest: tuple) -> torch.Tensor:
+    args, kwargs, how = rest
+    out = layer(*args, hidden_states=hidden, **kwargs) if how == "kw" else layer(hidden, *args, **kwargs)
+    return out[0] if isinstance(out, tuple) else out  # 4.x-style layers return a tuple
+
+
+@torch.no_grad()
+def layerwise_second_moments(
+    model: nn.Module, modules: list[nn.Module], calibration: Any, *, device: torch.device | str | None = None
+) -> tuple[list[torch.Tensor], int]:
+    """The same statistics as :func:`input_second_moments`, computed one decoder layer at a time.
+
+    The hidden states entering the first layer are kept for all calibration tokens (on the device they are produced
+    on) and each layer, in order, reads them, feeds its attention module's input to the accumulator, and replaces them
+    with its output: layer ``i+1`` always sees the ORIGINAL layer ``i``'s output, as in the whole-model path. Layers
+    after the last watched module are never run. Each layer runs through its own ``__call__``, so accelerate hooks
+    (``device_map``, ``cpu_offload``) move its weights in and out once for all batches.
+
+    Args:
+        model: the model (any device/dtype, accelerate-dispatched or not).
+        modules: attention modules whose inputs are measured, each inside a different element of one layer list.
+        calibration: input ids ``(n, L)``, a dict of model inputs or a list of such dicts.
+        device: where the batches go; default :func:`input_device`.
+
+    Returns:
+        (one ``(E+1, E+1)`` float64 matrix per module, on the activations' device; number of tokens seen)
+
+    Raises:
+        ValueError: the model has no layer list holding the modules one per layer (use :func:`input_second_moments`),
+            or the calibration is empty.
+    """
+    layers = decoder_layers(model, modules)
+    if layers is None:
+        raise ValueError(
+            f"{type(model).__name__}: no layer list holds the attention modules one per layer; "
+            "use the whole-model calibration (input_second_moments)"
+        )
+    device = torch.device(device) if device is not None else input_device(model)
+    owner = {id(m): i for i, m in enumerate(modules)}
+    layer_of = {}
+    for j, layer in enumerate(layers):
+        for m in layer.modules():
+            if id(m) in owner:
+                layer_of[owner[id(m)]] = j
+    last = max(layer_of.values())
+    batches = list(_as_batches(calibration))
+    moments = _Moments(len(modules))
+    was_training = model.training
+    model.eval()
+    try:
+        states, calls = _capture_layer_inputs(model, layers, last, batches, device)
+        counted = [_tokens(b) for b in batches]
+        tokens = sum(n for n, _ in counted)
+        for j in range(last + 1):
+            watched = [i for i, lj in layer_of.items() if lj == j]
+            handles = [modules[i].register_forward_pre_hook(moments.hook(i), with_kwargs=True) for i in watched]
+            try:
+                for b in range(len(batches)):
+                    moments.mask = counted[b][1]
+                    rest = calls[b][j]
+                    calls[b][j] = None  # this layer's kwargs are not needed again
+                    # The last layer's output feeds nothing: only its attention input is needed.
+                    out = _call_layer(layers[j], states[b], rest)
+                    states[b] = out if j < last else None
+            finally:
+                for h in handles:
+                    h.remove()
+            logger.debug("layer-by-layer calibration: layer %d of %d done", j + 1, last + 1)
+    finally:
+        model.train(was_training)
+    return moments.result(tokens, len(modules))
+
+
+def second_moments(
+    model: nn.Module,
+    modules: list[nn.Module],
+    calibration: Any,
+    *,
+    method: str = "auto",
+    device: torch.device | str | None = None,
+) -> tuple[list[torch.Tensor], int]:
+    """Attention-input second moments by the layer-by-layer path where it applies, else the whole-model path.
+
+    Args:
+        model, modules, calibration, device: see :func:`layerwise_second_moments`.
+        method: ``auto`` (layer-by-layer when the model's layer list is found, naming the fallback otherwise),
+            ``layerwise`` or ``whole``.
+    """
+    if method not in ("auto", "layerwise", "whole"):
+        raise ValueError(f"unknown calibration method {method!r}; allowed: auto, layerwise, whole")
+    if method == "whole":
+        return input_second_moments(model, modules, calibration, device=device)
+    if method == "auto" and decoder_layers(model, modules) is None:
+        logger.info(
+            "calibration: %s has no layer list holding one attention module per layer; using the whole-model path",
+            type(model).__name__,
+        )
+        return input_second_moments(model, modules, calibration, device=device)
+    return layerwise_second_moments(model, modules, calibration, device=device)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ..configs import VariantConfig
 from ..convert.adapters import get_adapter
-from ..convert.calibrate import input_second_moments
+from ..convert.calibrate import second_moments
 from ..convert.pooling import STRATEGIES, convert_projections, rotary_dims_of
 from ..convert.projections import build_new_modules, commit, find_attention, read_projections
 from ..reference import causal_bool_mask, reference_attention
@@ -57,6 +57,7 @@ class GQAConfig(VariantConfig):
     def check_model(self, model: Any, layers: list[int]) -> None:
         adapter = get_adapter(model)
         sites = find_attention(model, adapter)
+        _check_materialised(sites, layers)
         heads = sites[0].num_heads
         for i in layers:
             kv = sites[i].num_kv_heads
@@ -87,6 +88,20 @@ class MQAConfig(VariantConfig):
 
     def check_model(self, model: Any, layers: list[int]) -> None:
         GQAConfig(1, self.strategy, self.seed).check_model(model, layers)
+
+
+def _check_materialised(sites: list[Any], layers: list[int]) -> None:
+    """Refuse attention weights offloaded to ``meta`` (accelerate ``cpu_offload`` / disk offload): calibration runs
+    through accelerate's hooks, but the converted weights would be written beside hooks that page the OLD weights
+    back in at the next forward."""
+    for i in layers:
+        names = [n for n, p in sites[i].module.named_parameters() if p.device.type == "meta"]
+        if names:
+            raise ValueError(
+                f"layer {i}'s attention weights are offloaded (on 'meta': {', '.join(names[:3])}); gqa conversion "
+                "needs them materialised: load with device_map placing every layer on a device (e.g. "
+                "device_map={'': 'cuda:0'} or a per-layer map without 'disk'/'cpu' offload) or without device_map"
+            )
 
 
 def _divisors(n: int) -> list[int]:
@@ -170,12 +185,19 @@ def convert_gqa(model: torch.nn.Module, config: GQAConfig | MQAConfig, layers: l
                 "strategy 'fit' needs calibration text: pass calibration=<LongTensor of input ids (n, L)> to "
                 "swap_attention (e.g. a few thousand tokens of held-in text)"
             )
-        covariances, tokens = input_second_moments(model, [s.module for s in chosen], calibration)
+        # Statistics come from the original model, on its device and in its dtype (layer by layer where possible);
+        # the fit below runs in float64 on the CPU: its per-layer (E x E) eigendecompositions are small, and the
+        # CPU's float64 is fast everywhere while consumer GPUs run float64 at a small fraction of their speed.
+        covariances, tokens = second_moments(model, [s.module for s in chosen], calibration)
+        covariances = [c.cpu() for c in covariances]
     gen = torch.Generator().manual_seed(int(getattr(config, "seed", 0)))
     blocks = []
     lossy = False
     for site, cov in zip(chosen, covariances):
         p = read_projections(site.module, site.parent, adapter, head_dim=site.head_dim)
+        home = p.k_w.device
+        if strategy == "fit":
+            p = _moved(p, torch.device("cpu"))
         if site.num_kv_heads != groups:
             lossy = True
         new = convert_projections(
@@ -192,6 +214,7 @@ def convert_gqa(model: torch.nn.Module, config: GQAConfig | MQAConfig, layers: l
         )
         if new is p:
             continue  # groups == current KV heads: bit-identical, nothing to write
+        new = _moved(new, home)  # back beside the model's own weights (already in their dtype)
         blocks.append(build_new_modules(site, adapter, new))
     uniform = len(layers) == len(sites)
     if uniform and adapter.native_gqa and hasattr(model.config, "num_key_value_heads"):
@@ -203,6 +226,11 @@ def convert_gqa(model: torch.nn.Module, config: GQAConfig | MQAConfig, layers: l
         "vanilla": uniform and adapter.native_gqa,
         "calibration_tokens": tokens,
     }
+
+
+def _moved(p, device: torch.device):
+    """Projections with every tensor on ``device`` (a no-op for tensors already there)."""
+    return p.replace(**{k: None if v is None else v.detach().to(device) for k, v in vars(p).items()})
 
 
 def vanilla_export(model: torch.nn.Module, step: Any):
