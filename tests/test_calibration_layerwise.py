@@ -96,6 +96,21 @@ def test_layerwise_runs_no_layer_after_the_last_watched_one():
     assert _rel(whole, part) < REL
 
 
+def test_each_statistic_is_handed_over_before_the_next_layer_runs():
+    model = tiny("llama")
+    mods = _modules(model)
+    events = []
+    handle = mods[1].register_forward_pre_hook(lambda *a: events.append("layer 1 runs"))
+    try:
+        results, _ = layerwise_second_moments(
+            model, mods, _calibration("llama"), consume=lambda i, c: events.append(f"stat {i}") or c.shape)
+    finally:
+        handle.remove()
+    # 5 rows in batches of 4 -> 2 batches through layer 1, after layer 0's statistic was consumed (and dropped).
+    assert events == ["stat 0", "layer 1 runs", "layer 1 runs", "stat 1"]
+    assert results == [torch.Size([65, 65])] * 2
+
+
 def test_failure_inside_a_layer_leaves_the_model_as_it_was():
     model = tiny("llama")
     ids = _calibration("llama")
@@ -126,7 +141,7 @@ def test_default_conversion_is_layerwise_and_equals_whole_model_conversion(monke
     assert used == [1]
     import hf_attn_swap.variants.gqa as gqa
 
-    monkeypatch.setattr(gqa, "second_moments", lambda m, mods, cal: second_moments(m, mods, cal, method="whole"))
+    monkeypatch.setattr(gqa, "second_moments", lambda m, mods, cal, **k: second_moments(m, mods, cal, method="whole", **k))
     swap_attention(b, "gqa", groups=1, strategy="fit", calibration=ids)
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()
@@ -149,7 +164,7 @@ def test_real_smollm2_layerwise_statistics_and_weights_equal_whole_model(smollm2
     a = copy.deepcopy(model)
     swap_attention(a, "gqa", groups=1, strategy="fit", calibration=ids, layers="0-3")
     b = copy.deepcopy(model)
-    monkeypatch.setattr(gqa, "second_moments", lambda mm, mods, cal: second_moments(mm, mods, cal, method="whole"))
+    monkeypatch.setattr(gqa, "second_moments", lambda mm, mods, cal, **k: second_moments(mm, mods, cal, method="whole", **k))
     swap_attention(b, "gqa", groups=1, strategy="fit", calibration=ids, layers="0-3")
     sa, sb = a.state_dict(), b.state_dict()
     assert all(torch.allclose(sa[k], sb[k], rtol=1e-6, atol=1e-6) for k in sa)
@@ -172,7 +187,7 @@ def test_bfloat16_model_calibrates_in_bf16_fits_in_float64_and_keeps_bf16_weight
     # The same statistics and an exact float32 copy of the bf16 weights: the fit runs in float64 either way, so the
     # bf16 model's new weights are exactly the float32 result rounded once to bf16.
     ref = tiny("llama").to(torch.bfloat16).float()
-    monkeypatch.setattr(gqa, "second_moments", lambda *a, **k: ([c.clone() for c in covs], tokens))
+    monkeypatch.setattr(gqa, "second_moments", lambda m, mods, cal, consume: ([consume(i, c.clone()) for i, c in enumerate(covs)], tokens))
     swap_attention(ref, "gqa", groups=2, strategy="fit", calibration=ids)
     for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
         assert p.dtype == torch.bfloat16, name

@@ -20,12 +20,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 
 logger = logging.getLogger(__name__)
+
+#: ``consume(module_index, second_moment) -> anything``: called as soon as a module's statistic is final.
+Consumer = Callable[[int, torch.Tensor], Any]
 
 
 def _as_batches(calibration: Any) -> Iterable[dict[str, torch.Tensor]]:
@@ -87,11 +90,17 @@ class _Moments:
 
         return pre_hook
 
-    def result(self, tokens: int, n_modules: int) -> tuple[list[torch.Tensor], int]:
-        if tokens == 0 or any(s is None for s in self.sums):
+    def take(self, i: int, tokens: int) -> torch.Tensor:
+        """Module ``i``'s finished ``E[x x^T]``; its running sum is released."""
+        if tokens == 0 or self.sums[i] is None:
             raise ValueError("calibration produced no activations: pass at least one non-empty batch of input ids")
-        logger.info("calibration: %d tokens through %d attention modules", tokens, n_modules)
-        return [s / tokens for s in self.sums], tokens
+        mean, self.sums[i] = self.sums[i] / tokens, None
+        return mean
+
+    def result(self, tokens: int, consume: Consumer | None) -> tuple[list[Any], int]:
+        out = [self.take(i, tokens) for i in range(self.n)]
+        logger.info("calibration: %d tokens through %d attention modules", tokens, self.n)
+        return ([consume(i, c) for i, c in enumerate(out)] if consume else out), tokens
 
 
 def _tokens(batch: dict[str, Any]) -> tuple[int, torch.Tensor | None]:
@@ -102,8 +111,13 @@ def _tokens(batch: dict[str, Any]) -> tuple[int, torch.Tensor | None]:
 
 @torch.no_grad()
 def input_second_moments(
-    model: nn.Module, modules: list[nn.Module], calibration: Any, *, device: torch.device | str | None = None
-) -> tuple[list[torch.Tensor], int]:
+    model: nn.Module,
+    modules: list[nn.Module],
+    calibration: Any,
+    *,
+    device: torch.device | str | None = None,
+    consume: Consumer | None = None,
+) -> tuple[list[Any], int]:
     """``E[x x^T]`` of each module's input ``hidden_states``, with a trailing constant-1 coordinate (whole-model path).
 
     The extra coordinate lets the fit treat biases as weights of a constant input. Padding positions (where an
@@ -114,6 +128,7 @@ def input_second_moments(
         modules: attention modules whose inputs are measured.
         calibration: input ids ``(n, L)``, a dict of model inputs or a list of such dicts.
         device: where the batches go; default :func:`input_device`.
+        consume: if given, applied to each module's matrix once all are collected; its results are returned instead.
 
     Returns:
         (one ``(E+1, E+1)`` float64 matrix per module, on the activations' device; number of tokens seen)
@@ -133,7 +148,7 @@ def input_second_moments(
         for h in handles:
             h.remove()
         model.train(was_training)
-    return moments.result(tokens, len(modules))
+    return moments.result(tokens, consume)
 
 
 class _Captured(Exception):
@@ -212,8 +227,13 @@ def _call_layer(layer: nn.Module, hidden: torch.Tensor, rest: tuple) -> torch.Te
 
 @torch.no_grad()
 def layerwise_second_moments(
-    model: nn.Module, modules: list[nn.Module], calibration: Any, *, device: torch.device | str | None = None
-) -> tuple[list[torch.Tensor], int]:
+    model: nn.Module,
+    modules: list[nn.Module],
+    calibration: Any,
+    *,
+    device: torch.device | str | None = None,
+    consume: Consumer | None = None,
+) -> tuple[list[Any], int]:
     """The same statistics as :func:`input_second_moments`, computed one decoder layer at a time.
 
     The hidden states entering the first layer are kept for all calibration tokens (on the device they are produced
@@ -227,9 +247,13 @@ def layerwise_second_moments(
         modules: attention modules whose inputs are measured, each inside a different element of one layer list.
         calibration: input ids ``(n, L)``, a dict of model inputs or a list of such dicts.
         device: where the batches go; default :func:`input_device`.
+        consume: if given, called with each module's matrix as soon as its layer is done, and the matrix is dropped:
+            only one ``(E+1, E+1)`` float64 matrix is alive at a time (28 of them are 2 GiB for a 3B model). Its
+            results are returned instead of the matrices.
 
     Returns:
-        (one ``(E+1, E+1)`` float64 matrix per module, on the activations' device; number of tokens seen)
+        (one ``(E+1, E+1)`` float64 matrix per module, on the activations' device, or ``consume``'s result for it;
+        number of tokens seen)
 
     Raises:
         ValueError: the model has no layer list holding the modules one per layer (use :func:`input_second_moments`),
@@ -251,12 +275,15 @@ def layerwise_second_moments(
     last = max(layer_of.values())
     batches = list(_as_batches(calibration))
     moments = _Moments(len(modules))
+    results: list[Any] = [None] * len(modules)
+    counted = [_tokens(b) for b in batches]
+    tokens = sum(n for n, _ in counted)
+    if tokens == 0:
+        raise ValueError("calibration produced no activations: pass at least one non-empty batch of input ids")
     was_training = model.training
     model.eval()
     try:
         states, calls = _capture_layer_inputs(model, layers, last, batches, device)
-        counted = [_tokens(b) for b in batches]
-        tokens = sum(n for n, _ in counted)
         for j in range(last + 1):
             watched = [i for i, lj in layer_of.items() if lj == j]
             handles = [modules[i].register_forward_pre_hook(moments.hook(i), with_kwargs=True) for i in watched]
@@ -271,10 +298,15 @@ def layerwise_second_moments(
             finally:
                 for h in handles:
                     h.remove()
+            # Layer j's output was computed above with its original weights, so whatever consume does with its
+            # statistic cannot change what later layers see.
+            for i in watched:
+                results[i] = consume(i, moments.take(i, tokens)) if consume else moments.take(i, tokens)
             logger.debug("layer-by-layer calibration: layer %d of %d done", j + 1, last + 1)
     finally:
         model.train(was_training)
-    return moments.result(tokens, len(modules))
+    logger.info("calibration: %d tokens through %d attention modules, layer by layer", tokens, len(modules))
+    return results, tokens
 
 
 def second_moments(
@@ -284,22 +316,23 @@ def second_moments(
     *,
     method: str = "auto",
     device: torch.device | str | None = None,
-) -> tuple[list[torch.Tensor], int]:
+    consume: Consumer | None = None,
+) -> tuple[list[Any], int]:
     """Attention-input second moments by the layer-by-layer path where it applies, else the whole-model path.
 
     Args:
-        model, modules, calibration, device: see :func:`layerwise_second_moments`.
+        model, modules, calibration, device, consume: see :func:`layerwise_second_moments`.
         method: ``auto`` (layer-by-layer when the model's layer list is found, naming the fallback otherwise),
             ``layerwise`` or ``whole``.
     """
     if method not in ("auto", "layerwise", "whole"):
         raise ValueError(f"unknown calibration method {method!r}; allowed: auto, layerwise, whole")
     if method == "whole":
-        return input_second_moments(model, modules, calibration, device=device)
+        return input_second_moments(model, modules, calibration, device=device, consume=consume)
     if method == "auto" and decoder_layers(model, modules) is None:
         logger.info(
             "calibration: %s has no layer list holding one attention module per layer; using the whole-model path",
             type(model).__name__,
         )
-        return input_second_moments(model, modules, calibration, device=device)
-    return layerwise_second_moments(model, modules, calibration, device=device)
+        return input_second_moments(model, modules, calibration, device=device, consume=consume)
+    return layerwise_second_moments(model, modules, calibration, device=device, consume=consume)

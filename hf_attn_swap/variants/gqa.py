@@ -177,29 +177,16 @@ def convert_gqa(model: torch.nn.Module, config: GQAConfig | MQAConfig, layers: l
     adapter = get_adapter(model)
     sites = find_attention(model, adapter)
     chosen = [sites[i] for i in layers]
-    covariances: list[torch.Tensor | None] = [None] * len(chosen)
-    tokens = 0
-    if strategy == "fit":
-        if calibration is None:
-            raise ValueError(
-                "strategy 'fit' needs calibration text: pass calibration=<LongTensor of input ids (n, L)> to "
-                "swap_attention (e.g. a few thousand tokens of held-in text)"
-            )
-        # Statistics come from the original model, on its device and in its dtype (layer by layer where possible);
-        # the fit below runs in float64 on the CPU: its per-layer (E x E) eigendecompositions are small, and the
-        # CPU's float64 is fast everywhere while consumer GPUs run float64 at a small fraction of their speed.
-        covariances, tokens = second_moments(model, [s.module for s in chosen], calibration)
-        covariances = [c.cpu() for c in covariances]
     gen = torch.Generator().manual_seed(int(getattr(config, "seed", 0)))
-    blocks = []
-    lossy = False
-    for site, cov in zip(chosen, covariances):
+
+    def new_block(site, cov: torch.Tensor | None) -> dict | None:
+        """Phase 1 for one module: its new parameters (in the model's dtype, on its device), or None if unchanged."""
         p = read_projections(site.module, site.parent, adapter, head_dim=site.head_dim)
         home = p.k_w.device
-        if strategy == "fit":
-            p = _moved(p, torch.device("cpu"))
-        if site.num_kv_heads != groups:
-            lossy = True
+        if cov is not None:
+            # The fit runs in float64 on the CPU: its per-layer (E x E) eigendecompositions are small, and CPU float64
+            # is fast everywhere while consumer GPUs run float64 at a small fraction of their speed.
+            p, cov = _moved(p, torch.device("cpu")), cov.cpu()
         new = convert_projections(
             p,
             num_heads=site.num_heads,
@@ -213,9 +200,26 @@ def convert_gqa(model: torch.nn.Module, config: GQAConfig | MQAConfig, layers: l
             generator=gen,
         )
         if new is p:
-            continue  # groups == current KV heads: bit-identical, nothing to write
-        new = _moved(new, home)  # back beside the model's own weights (already in their dtype)
-        blocks.append(build_new_modules(site, adapter, new))
+            return None  # groups == current KV heads: bit-identical, nothing to write
+        return build_new_modules(site, adapter, _moved(new, home))  # back beside the model's own weights
+
+    tokens = 0
+    if strategy == "fit":
+        if calibration is None:
+            raise ValueError(
+                "strategy 'fit' needs calibration text: pass calibration=<LongTensor of input ids (n, L)> to "
+                "swap_attention (e.g. a few thousand tokens of held-in text)"
+            )
+        # Statistics come from the ORIGINAL model, on its device and in its dtype, layer by layer where possible;
+        # each layer is fitted as soon as its statistic is final (one float64 matrix alive at a time) and nothing is
+        # written to the model before commit, so no fit can change the statistics of a later layer.
+        results, tokens = second_moments(
+            model, [s.module for s in chosen], calibration, consume=lambda i, cov: new_block(chosen[i], cov)
+        )
+    else:
+        results = [new_block(site, None) for site in chosen]
+    blocks = [b for b in results if b is not None]
+    lossy = any(site.num_kv_heads != groups for site in chosen)
     uniform = len(layers) == len(sites)
     if uniform and adapter.native_gqa and hasattr(model.config, "num_key_value_heads"):
         blocks.append({(id(model.config), "num_key_value_heads"): (model.config, "num_key_value_heads", groups)})
