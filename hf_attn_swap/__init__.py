@@ -55,3 +55,9 @@ from .eval import PerplexityResult, perplexity, perplexity_of_text  # noqa: E402
 from .eval.compare import EvalConfig, run_comparison  # noqa: E402
 
 __all__ += ["EvalConfig", "PerplexityResult", "perplexity", "perplexity_of_text", "run_comparison"]
+
+# Calibration statistics (layer by layer where the model allows) and the checks run before loading a local folder.
+from .convert.calibrate import second_moments  # noqa: E402
+from .preflight import preflight  # noqa: E402
+
+__all__ += ["preflight", "second_moments"]

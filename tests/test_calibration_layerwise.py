@@ -172,17 +172,38 @@ def test_real_smollm2_layerwise_statistics_and_weights_equal_whole_model(smollm2
                            model.state_dict()["model.layers.0.self_attn.k_proj.weight"][:64])
 
 
-def test_bfloat16_model_calibrates_in_bf16_fits_in_float64_and_keeps_bf16_weights(monkeypatch):
-    import hf_attn_swap.variants.gqa as gqa
-
+def test_bf16_model_on_cpu_runs_layers_in_float32_and_is_left_bit_identical():
     model = tiny("llama").to(torch.bfloat16)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
     mods = _modules(model)
     ids = _calibration("llama")
     seen = []
-    handle = mods[0].register_forward_pre_hook(lambda _m, a, k: seen.append(k["hidden_states"].dtype), with_kwargs=True)
-    covs, tokens = second_moments(model, mods, ids, device="cpu")
+    handle = mods[1].register_forward_pre_hook(lambda _m, a, k: seen.append(k["hidden_states"].dtype), with_kwargs=True)
+    covs, _ = second_moments(model, mods, ids, device="cpu")
     handle.remove()
-    assert seen and set(seen) == {torch.bfloat16} and covs[0].dtype == torch.float64
+    assert seen and set(seen) == {torch.float32}
+    assert all(v.dtype == torch.bfloat16 and torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    # Exactly the statistics of a float32 copy of the bf16 weights (rotary tables and masks built in float32 too).
+    ref = tiny("llama").to(torch.bfloat16).float()
+    whole, _ = input_second_moments(ref, _modules(ref), ids)
+    assert _rel(whole, covs) < REL
+    # compute_dtype=None keeps the model's dtype (what a GPU run does): bf16 layers, the same statistics as a
+    # whole-model bf16 forward.
+    seen.clear()
+    handle = mods[1].register_forward_pre_hook(lambda _m, a, k: seen.append(k["hidden_states"].dtype), with_kwargs=True)
+    bf16, _ = layerwise_second_moments(model, mods, ids, compute_dtype=None)
+    handle.remove()
+    assert set(seen) == {torch.bfloat16}
+    assert _rel(input_second_moments(model, mods, ids)[0], bf16) < REL
+
+
+def test_bf16_fit_runs_in_float64_and_stores_bf16_weights(monkeypatch):
+    import hf_attn_swap.variants.gqa as gqa
+
+    model = tiny("llama").to(torch.bfloat16)
+    ids = _calibration("llama")
+    covs, tokens = second_moments(model, _modules(model), ids)
+    assert covs[0].dtype == torch.float64
     swap_attention(model, "gqa", groups=2, strategy="fit", calibration=ids)
     # The same statistics and an exact float32 copy of the bf16 weights: the fit runs in float64 either way, so the
     # bf16 model's new weights are exactly the float32 result rounded once to bf16.

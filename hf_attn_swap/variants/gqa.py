@@ -99,8 +99,8 @@ def _check_materialised(sites: list[Any], layers: list[int]) -> None:
         if names:
             raise ValueError(
                 f"layer {i}'s attention weights are offloaded (on 'meta': {', '.join(names[:3])}); gqa conversion "
-                "needs them materialised: load with device_map placing every layer on a device (e.g. "
-                "device_map={'': 'cuda:0'} or a per-layer map without 'disk'/'cpu' offload) or without device_map"
+                "needs them materialised: load without offloading (no device_map, device_map={'': 'cuda:0'}, or "
+                "a map whose entries are all devices the layers run on, with no 'disk' and no 'cpu' beside a GPU)"
             )
 
 
