@@ -34,6 +34,11 @@ def _rel(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return max(((x - y).abs().max() / x.abs().max()).item() for x, y in zip(a, b))
 
 
+def _whole_model(model, mods, cal, **kw):
+    """What ``gqa`` calls, forced onto the whole-model path."""
+    return second_moments(model, mods, cal, method="whole", **kw)
+
+
 def _calibration(model_type: str, seed: int = 0):
     ids = torch.randint(3, 100, (5, 24), generator=torch.Generator().manual_seed(seed))
     if model_type != "bert":
@@ -141,7 +146,7 @@ def test_default_conversion_is_layerwise_and_equals_whole_model_conversion(monke
     assert used == [1]
     import hf_attn_swap.variants.gqa as gqa
 
-    monkeypatch.setattr(gqa, "second_moments", lambda m, mods, cal, **k: second_moments(m, mods, cal, method="whole", **k))
+    monkeypatch.setattr(gqa, "second_moments", _whole_model)
     swap_attention(b, "gqa", groups=1, strategy="fit", calibration=ids)
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()
@@ -164,7 +169,7 @@ def test_real_smollm2_layerwise_statistics_and_weights_equal_whole_model(smollm2
     a = copy.deepcopy(model)
     swap_attention(a, "gqa", groups=1, strategy="fit", calibration=ids, layers="0-3")
     b = copy.deepcopy(model)
-    monkeypatch.setattr(gqa, "second_moments", lambda mm, mods, cal, **k: second_moments(mm, mods, cal, method="whole", **k))
+    monkeypatch.setattr(gqa, "second_moments", _whole_model)
     swap_attention(b, "gqa", groups=1, strategy="fit", calibration=ids, layers="0-3")
     sa, sb = a.state_dict(), b.state_dict()
     assert all(torch.allclose(sa[k], sb[k], rtol=1e-6, atol=1e-6) for k in sa)
@@ -208,7 +213,8 @@ def test_bf16_fit_runs_in_float64_and_stores_bf16_weights(monkeypatch):
     # The same statistics and an exact float32 copy of the bf16 weights: the fit runs in float64 either way, so the
     # bf16 model's new weights are exactly the float32 result rounded once to bf16.
     ref = tiny("llama").to(torch.bfloat16).float()
-    monkeypatch.setattr(gqa, "second_moments", lambda m, mods, cal, consume: ([consume(i, c.clone()) for i, c in enumerate(covs)], tokens))
+    monkeypatch.setattr(gqa, "second_moments",
+                        lambda m, mods, cal, consume: ([consume(i, c.clone()) for i, c in enumerate(covs)], tokens))
     swap_attention(ref, "gqa", groups=2, strategy="fit", calibration=ids)
     for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
         assert p.dtype == torch.bfloat16, name

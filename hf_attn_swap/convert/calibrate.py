@@ -10,8 +10,8 @@ Two ways to collect the same statistics:
 - :func:`input_second_moments`: one whole-model forward per batch with hooks (the original path, kept as the fallback
   for models whose layer stack cannot be found).
 
-On the CPU a bfloat16/float16 model is calibrated with each layer run in float32 (the layer is upcast in place while
-it runs and cast back, which is exact): most CPUs have no native bfloat16 matmul, and torch's fallback measured 80x
+On the CPU a bfloat16/float16 model is calibrated with each layer run in float32 (the layer is upcast while it runs and its
+original tensors are put back): most CPUs have no native bfloat16 matmul, and torch's fallback measured 80x
 slower than float32 here (0.18 vs 14 GFLOP/s, one thread, AMD EPYC without avx512_bf16). On a GPU the layers run in
 the model's dtype. ``compute_dtype`` overrides either choice.
 
@@ -203,9 +203,9 @@ def _cast_floats(value: Any, dtype: torch.dtype | None) -> Any:
 
 
 class _RunIn:
-    """Context: a layer's floating parameters and buffers upcast in place to ``dtype`` while it runs, then cast back.
+    """Context: a layer's floating parameters and buffers upcast to ``dtype`` while it runs, then put back.
 
-    Casting bfloat16/float16 to float32 and back is exact, so the model ends bit-identical. Offloaded (``meta``)
+    The original tensors are restored (not cast back), so the model ends bit-identical and holds no extra copy. Offloaded (``meta``)
     layers are left alone: their weights are paged in by accelerate in their stored dtype.
     """
 
@@ -217,12 +217,14 @@ class _RunIn:
             return
         for t in (*self.layer.parameters(), *self.layer.buffers()):
             if t.is_floating_point() and t.dtype != self.dtype:
-                self.saved[t] = t.dtype
+                # Keep the original storage and put it back afterwards: a cast back would allocate a second copy
+                # of every layer's weights (and leave the loaded, memory-mapped pages resident beside it).
+                self.saved[t] = t.data
                 t.data = t.data.to(self.dtype)
 
     def __exit__(self, *exc: Any) -> None:
-        for t, dtype in self.saved.items():
-            t.data = t.data.to(dtype)
+        for t, original in self.saved.items():
+            t.data = original
         self.saved.clear()
 
 
