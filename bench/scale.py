@@ -226,8 +226,11 @@ def plot(rows: list[dict], path: Path) -> None:
         ax_mem.plot(x, [r["peak_rss_bytes"] / 2**30 for r in sel], marker=marker, label=f"peak RSS, {strategy}")
         ax_time.plot(x, [r["wall_s"] for r in sel], marker=marker, label=f"wall, {strategy}")
     sizes = sorted({(r["params"], r["weights_bytes"]) for r in rows})
-    ax_mem.plot([p / 1e9 for p, _ in sizes], [w / 2**30 for _, w in sizes], "k--", label="bf16 weights")
-    ax_mem.plot([p / 1e9 for p, _ in sizes], [1.3 * w / 2**30 for _, w in sizes], "k:", label="1.3 x weights")
+    # Markers too: with one size measured a line has no length.
+    ax_mem.plot([p / 1e9 for p, _ in sizes], [w / 2**30 for _, w in sizes], "k--", marker="_", markersize=14,
+                label="bf16 weights")
+    ax_mem.plot([p / 1e9 for p, _ in sizes], [1.3 * w / 2**30 for _, w in sizes], "k:", marker="x",
+                label="1.3 x weights")
     ax_mem.set(xlabel="parameters (billions)", ylabel="GiB", title="peak RSS of the convert process")
     ax_time.set(xlabel="parameters (billions)", ylabel="seconds", title="wall time (load + convert)")
     for ax in (ax_mem, ax_time):
@@ -245,8 +248,12 @@ def main() -> None:
     parser.add_argument("--calib-tokens", type=int, default=4096, help="calibration tokens for fit")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each convert process")
     parser.add_argument("--out", default=str(ROOT / "results"), help="folder for scale.json/.md/.png")
+    parser.add_argument("--report-only", action="store_true", help="redraw scale.md/.png from OUT/scale.json")
     parser.add_argument("--build", default=None, help=argparse.SUPPRESS)  # internal: write one checkpoint
     args = parser.parse_args()
+    if args.report_only:
+        write_report(json.loads((Path(args.out) / "scale.json").read_text()), Path(args.out))
+        return
     if args.build:
         from hf_attn_swap.fetch import cache_dir
 

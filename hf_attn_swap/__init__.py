@@ -56,8 +56,7 @@ from .eval.compare import EvalConfig, run_comparison  # noqa: E402
 
 __all__ += ["EvalConfig", "PerplexityResult", "perplexity", "perplexity_of_text", "run_comparison"]
 
-# Calibration statistics (layer by layer where the model allows) and the checks run before loading a local folder.
+# Calibration statistics of attention inputs (layer by layer where the model allows).
 from .convert.calibrate import second_moments  # noqa: E402
-from .preflight import preflight  # noqa: E402
 
-__all__ += ["preflight", "second_moments"]
+__all__ += ["second_moments"]
