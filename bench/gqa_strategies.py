@@ -15,25 +15,24 @@ import argparse
 import copy
 import json
 import math
-import platform
-import shlex
-import sys
 import time
 from pathlib import Path
 
 import torch
-import transformers
 
 from hf_attn_swap import swap_attention
 from hf_attn_swap.data import load_text, token_blocks, tokenize
 from hf_attn_swap.eval.embeddings import embedding_fidelity, sentence_embeddings, sentences_of
 from hf_attn_swap.eval.perplexity import perplexity
+from hf_attn_swap.eval.report import provenance_lines
+from hf_attn_swap.provenance import provenance
 from hf_attn_swap.zoo import load_model
 
 STRATEGIES = ("mean", "first", "random", "fit")
+RENDERER = "bench/gqa_strategies.py:markdown"  # how hf_attn_swap.readme re-renders and checks the .md
 
 
-def smollm2(args) -> dict:
+def smollm2(args) -> tuple[dict, torch.nn.Module]:
     model, tok = load_model("smollm2-135m")
     calib = token_blocks(tok, load_text(args.corpus, split="train"), 512, max_tokens=args.calib_tokens)
     text = load_text(args.corpus, split="validation")
@@ -53,10 +52,10 @@ def smollm2(args) -> dict:
         print(f"smollm2 3->1 {strategy:6s} ppl {r.token_ppl:10.2f}  ({dt:.1f} s)", flush=True)
         del m
     return {"model": "smollm2-135m", "corpus": args.corpus, "eval_tokens": base.n_tokens, "context": args.context,
-            "normalisation": base.normalisation, "rows": rows}
+            "normalisation": base.normalisation, "rows": rows}, model
 
 
-def minilm(args) -> dict:
+def minilm(args) -> tuple[dict, torch.nn.Module]:
     model, tok = load_model("minilm-l6")
     held = sentences_of(load_text(args.corpus, split="validation"), limit=args.sentences)
     calib_sents = sentences_of(load_text(args.corpus, split="train"), limit=args.sentences)
@@ -74,18 +73,17 @@ def minilm(args) -> dict:
             rows.append({"kv_heads": groups, "strategy": strategy, "cosine": cos, "convert_s": round(dt, 2)})
             print(f"minilm 12->{groups} {strategy:6s} cosine {cos:.4f}", flush=True)
     return {"model": "minilm-l6", "corpus": args.corpus, "sentences": len(held),
-            "calibration_sentences": len(calib_sents), "rows": rows}
+            "calibration_sentences": len(calib_sents), "rows": rows}, model
 
 
-def markdown(res: dict, command: str) -> str:
-    meta = res["meta"]
+def markdown(res: dict) -> str:
+    """The report, from the JSON alone (``python -m hf_attn_swap.readme`` re-renders and checks it)."""
     lines = [
         "# GQA/MQA conversion strategies on real weights (no training)",
         "",
-        f"Command: `{command}`",
+        f"Command: `{res['command']}`",
         "",
-        f"torch {meta['torch']}, transformers {meta['transformers']}, {meta['threads']} threads, {meta['cpu']}; "
-        f"total {meta['seconds']:.0f} s.",
+        _machine_line(res),
         "",
         "`fit` is this package's strategy: a calibrated closed-form refit of the shared K (with the queries) and V (with "
         "the output projection) per KV group, exact under RoPE (see `hf_attn_swap/convert/pooling.py`).",
@@ -120,9 +118,22 @@ def markdown(res: dict, command: str) -> str:
     for g in (6, 4, 3, 2, 1):
         cells = [next(r["cosine"] for r in m["rows"] if r["kv_heads"] == g and r["strategy"] == st) for st in STRATEGIES]
         lines.append(f"| {g} | " + " | ".join(f"{c:.4f}" for c in cells) + " |")
-    if meta.get("note"):
-        lines += ["", meta["note"]]
-    return "\n".join(lines) + "\n"
+    if res.get("provenance"):
+        lines += ["", *provenance_lines(res["provenance"])]
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def _machine_line(res: dict) -> str:
+    """Versions, threads, CPU, machine load and total time, from the run's own record."""
+    prov, meta = res.get("provenance"), res["meta"]
+    if prov is None:  # runs before provenance was recorded
+        return (f"torch {meta['torch']}, transformers {meta['transformers']}, {meta['threads']} threads, "
+                f"{meta['cpu']}; total {meta['seconds']:.0f} s.")
+    v = prov["versions"]
+    load = prov.get("load_average")
+    return (f"torch {v['torch']}, transformers {v['transformers']}, {prov['torch_threads']} threads, {prov['cpu']} "
+            f"({prov['cpu_count']} CPUs, load average {load[0] if load else '?'} at the end); total "
+            f"{meta['seconds']:.0f} s. Seconds depend on machine load; perplexities and cosines do not.")
 
 
 def main() -> None:
@@ -134,20 +145,18 @@ def main() -> None:
     p.add_argument("--sentences", type=int, default=512)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="results")
-    p.add_argument("--note", default="", help="a remark printed under the tables (e.g. machine load during the run)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    res = {"smollm2": smollm2(args), "minilm": minilm(args)}
-    res["meta"] = {"torch": torch.__version__, "transformers": transformers.__version__,
-                   "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
-                   "seconds": time.perf_counter() - t0, "note": args.note}
-    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
-    res["command"] = command
+    (res_s, model_s), (res_m, model_m) = smollm2(args), minilm(args)
+    res = {"smollm2": res_s, "minilm": res_m, "meta": {"seconds": time.perf_counter() - t0}}
+    res["provenance"] = provenance(models=[model_s, model_m], corpora=[args.corpus])
+    res["command"] = res["provenance"]["command"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "gqa_strategies.json").write_text(json.dumps(res, indent=2) + "\n")
-    (out / "gqa_strategies.md").write_text(markdown(res, command))
+    (out / "gqa_strategies.md").write_text(f"<!-- generated: gqa_strategies.json {RENDERER} -->\n{markdown(res)}"
+                                           "<!-- end generated -->\n")
     print((out / "gqa_strategies.md").read_text())
 
 

@@ -12,9 +12,7 @@ import argparse
 import contextlib
 import json
 import platform
-import shlex
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -24,11 +22,15 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
+from hf_attn_swap.eval.report import provenance_lines
+from hf_attn_swap.provenance import provenance
 from hf_attn_swap.variants import band_cpu
 from hf_attn_swap.variants.blocked import blocked_local_attention
 from hf_attn_swap.variants.feature_maps import FeatureMap
 from hf_attn_swap.variants.gqa import grouped_attention
 from hf_attn_swap.variants.linear import chunked_linear_attention
+
+RENDERER = "bench/variants.py:markdown"  # how hf_attn_swap.readme re-renders and checks the .md
 
 
 def timeit(fn, repeats: int) -> float:
@@ -175,7 +177,8 @@ def bench_grouped_decode(repeats: int, b: int = 4, ctx: int = 2048, h: int = 9, 
     return res
 
 
-def _md(r: dict, command: str) -> str:
+def markdown(r: dict) -> str:
+    """The report, from the JSON alone (``python -m hf_attn_swap.readme`` re-renders and checks it)."""
     s, li, fl, gq = r["sliding_window"], r["linear"], r["flash"], r["grouped_decode"]
     ok = lambda c: "yes" if c else "NO"  # noqa: E731
     q_ = s.get("quartiles_s", {})
@@ -183,9 +186,9 @@ def _md(r: dict, command: str) -> str:
     lines = [
         "# Attention-variant benchmarks (issue 3)",
         "",
-        f"Command: `{command}`",
+        f"Command: `{r.get('command', 'not recorded')}`",
         "",
-        f"torch {r['torch']}, transformers {r['transformers']}, {r['threads']} thread(s), CPU: {r['cpu']}, "
+        f"torch {r['torch']}, transformers {r['transformers']}, {r['threads']} thread(s), CPU: {r['cpu']}{_load(r)}, "
         f"fp32. Times: median of {r['repeats']} runs (decode steps: x30 / x100 calls) after one warm-up, calls of each comparison "
         f"interleaved, attention op only.",
         "",
@@ -219,26 +222,22 @@ def _md(r: dict, command: str) -> str:
         f"| {gq['speed_ratio_mqa_over_gqa3']:.2f}x = {gq['speed_ratio_over_bytes_ratio']:.2f} of it | >= 0.9 of it "
         f"| {ok(gq['speed_ratio_over_bytes_ratio'] >= 0.9)} |",
         "",
-        "Sliding window: the band kernel (`hf_attn_swap/variants/band_cpu.c`, AVX2/FMA, built on first use with the "
-        "system C compiler) computes, per block of 64 queries, only the 6-key x 16-query register tiles that touch "
-        "the band, one plain softmax over an L2-resident score tile (exp2 polynomial), and P @ V over the keys each "
-        "6-query tile sees: n x ~(window + 20) work, against ~n x (n/2 + 128) for the causal SDPA kernel. It "
-        "replaces, for inference in fp32 on x86-64, the SDPA-blocks path (one SDPA call over 64-query blocks whose "
-        "keys are overlapping strided views, a shared float band mask): that path computes n x (window + 63) "
-        "columns in CPU SDPA's 32-query tiles with an online-softmax rescale between its 512-key tiles, at ~0.8 of "
-        "SDPA's efficiency on the one big causal problem, and stays as the path under autograd and where the kernel "
-        "cannot be built. Sinks are score rows of their own in the kernel (seen once a query's window has left "
-        "them); on the SDPA path they are merged by log-sum-exp (inference) instead of being copied into every "
-        "block. Linear prefill: each chunk's output is normalised while in cache and written in place (a final "
-        "pass over the whole 8k output, once it outgrows the L3 cache, made 8k cost 2.0-2.5x of 4k from run to "
-        "run).",
+        "How the band kernel and the SDPA-blocks fallback work: `hf_attn_swap/variants/band_cpu.c` and "
+        "`hf_attn_swap/variants/blocked.py`.",
         "",
-        "GPU: none was available for this run; flash_attn (FlashAttention-2) and fla kernels were not measured and "
-        "their code paths are unverified.",
-        "",
-        r.get("note", ""),
     ]
-    return "\n".join(lines) + "\n"
+    if "gpu" in r:  # recorded since provenance; older runs did not say
+        lines += [f"GPU: {r['gpu']} (not used: every figure above is a CPU path)." if r["gpu"] else
+                  "GPU: none visible to torch in this run; flash_attn (FlashAttention-2) and fla kernels were not "
+                  "measured.", ""]
+    if r.get("provenance"):
+        lines += provenance_lines(r["provenance"])
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def _load(r: dict) -> str:
+    load = (r.get("provenance") or {}).get("load_average")
+    return f" (load average {load[0]} at the end)" if load else ""
 
 
 def _cpu_name() -> str:
@@ -251,18 +250,11 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def rewrite_markdown(json_path: str, command: str) -> None:
-    """Re-render ``<out>.md`` from its JSON (after editing the text, without re-measuring)."""
-    p = Path(json_path)
-    p.with_suffix(".md").write_text(_md(json.loads(p.read_text()), command))
-
-
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default="results/variants")
-    p.add_argument("--note", default="")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     import transformers
@@ -273,7 +265,7 @@ def main(argv: list[str] | None = None) -> dict:
         "threads": torch.get_num_threads(),
         "cpu": _cpu_name(),
         "repeats": args.repeats,
-        "note": args.note,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
     for name, fn in (("flash", bench_flash), ("grouped_decode", bench_grouped_decode), ("linear", bench_linear),
                      ("sliding_window", bench_sliding)):
@@ -281,9 +273,11 @@ def main(argv: list[str] | None = None) -> dict:
         print(name, json.dumps(results[name], indent=None), flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(results, indent=2, sort_keys=True))
-    command = "python bench/variants.py " + shlex.join(argv if argv is not None else sys.argv[1:])
-    out.with_suffix(".md").write_text(_md(results, command.strip()))
+    results["provenance"] = provenance(argv=["bench/variants.py", *argv] if argv is not None else None)
+    results["command"] = results["provenance"]["command"]
+    out.with_suffix(".json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    out.with_suffix(".md").write_text(f"<!-- generated: {out.name}.json {RENDERER} -->\n{markdown(results)}"
+                                      "<!-- end generated -->\n")
     return results
 
 

@@ -6,57 +6,69 @@ Public API::
     swap_attention(model, "gqa", groups=1, strategy="fit", calibration=input_ids)
 """
 
-from .api import (
-    SwapRecord,
-    SwapStep,
-    attention_sites,
-    kv_heads_per_layer,
-    parse_layers,
-    swap_attention,
-    swap_record,
-    unswap_attention,
-)
-from .configs import VariantConfig
-from .registry import LayerSwap, VariantSpec, get_variant, layer_swap, list_variants, register_variant
-from .variants.flash import FlashConfig
-from .variants.gqa import GQAConfig, MQAConfig
-from .variants.linear import LinearConfig
-from .variants.sliding_window import SlidingWindowConfig
-from .variants.sparse import SparseConfig
-
 __version__ = "0.1.0"
 
-__all__ = [
-    "FlashConfig",
-    "GQAConfig",
-    "LayerSwap",
-    "LinearConfig",
-    "MQAConfig",
-    "SlidingWindowConfig",
-    "SparseConfig",
-    "SwapRecord",
-    "SwapStep",
-    "VariantConfig",
-    "VariantSpec",
-    "attention_sites",
-    "get_variant",
-    "kv_heads_per_layer",
-    "layer_swap",
-    "list_variants",
-    "parse_layers",
-    "register_variant",
-    "swap_attention",
-    "swap_record",
-    "unswap_attention",
-]
+# The public names load on first use (PEP 562): ``hf-attn-swap --help`` imports this package and must not pay for
+# torch and transformers (seconds). ``from hf_attn_swap import swap_attention`` works exactly as before.
+_EXPORTS = {
+    "SwapRecord": "api",
+    "SwapStep": "api",
+    "attention_sites": "api",
+    "kv_heads_per_layer": "api",
+    "parse_layers": "api",
+    "swap_attention": "api",
+    "swap_record": "api",
+    "unswap_attention": "api",
+    "VariantConfig": "configs",
+    "LayerSwap": "registry",
+    "VariantSpec": "registry",
+    "get_variant": "registry",
+    "layer_swap": "registry",
+    "list_variants": "registry",
+    "register_variant": "registry",
+    "FlashConfig": "variants.flash",
+    "GQAConfig": "variants.gqa",
+    "MQAConfig": "variants.gqa",
+    "LinearConfig": "variants.linear",
+    "SlidingWindowConfig": "variants.sliding_window",
+    "SparseConfig": "variants.sparse",
+    # evaluation (hf_attn_swap.eval): perplexity, and the comparison recipe behind `hf-attn-swap eval`
+    "EvalConfig": "eval.config",
+    "PerplexityResult": "eval.perplexity",
+    "perplexity": "eval.perplexity",
+    "perplexity_of_text": "eval.perplexity",
+    "run_comparison": "eval.compare",
+    # files on disk: saving/loading swapped models with verified hashes, and the output-folder check every writer runs
+    "CheckpointIntegrityError": "checkpoint",
+    "SidecarMismatchError": "checkpoint",
+    "load_swapped": "checkpoint",
+    "save_swapped": "checkpoint",
+    "verify_checkpoint": "checkpoint",
+    "OutputDirError": "outputs",
+    "check_output_dir": "outputs",
+    # calibration statistics of attention inputs (layer by layer where the model allows)
+    "second_moments": "convert.calibrate",
+}
+#: submodules exported as such: progress bars (off in the library, on in the CLI): ``hf_attn_swap.progress.enable()``.
+_SUBMODULES = ("progress",)
 
-# Evaluation (hf_attn_swap.eval): perplexity, and the comparison recipe behind `hf-attn-swap eval`.
-from .eval import PerplexityResult, perplexity, perplexity_of_text  # noqa: E402
-from .eval.compare import EvalConfig, run_comparison  # noqa: E402
 
-__all__ += ["EvalConfig", "PerplexityResult", "perplexity", "perplexity_of_text", "run_comparison"]
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        import importlib
 
-# Calibration statistics of attention inputs (layer by layer where the model allows).
-from .convert.calibrate import second_moments  # noqa: E402
+        return importlib.import_module(f"{__name__}.{name}")
+    if name in _EXPORTS:
+        import importlib
 
-__all__ += ["second_moments"]
+        value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS) | set(_SUBMODULES))
+
+
+__all__ = sorted([*_EXPORTS, *_SUBMODULES])

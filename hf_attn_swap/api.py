@@ -7,6 +7,7 @@ function (selected through transformers' ``attn_implementation``, undone exactly
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -14,9 +15,12 @@ from typing import Any
 
 from torch import nn
 
+from .base_attention import BASE_IMPL_ATTR
 from .configs import VariantConfig
 from .convert.adapters import get_adapter
 from .convert.projections import find_attention
+from .journal import transaction
+from .hf_compat import attn_implementation, set_attn_implementation
 from .registry import DISPATCHER_NAME, LAYER_ATTR, LayerSwap, get_variant, layer_swap
 
 logger = logging.getLogger(__name__)
@@ -155,6 +159,19 @@ def _plan(variant: Any, layers: Any, options: dict[str, Any], n: int) -> list[tu
 def swap_attention(model: nn.Module, variant: Any, *, layers: Any = None, calibration: Any = None, **options: Any) -> nn.Module:
     """Switch ``model``'s attention to ``variant`` in place and return the model.
 
+    The swap is one transaction: if anything raises (validation, a conversion, a variant's ``prepare``, a custom
+    variant's hook, selecting the implementation), the model is rolled back to exactly what it was (weights and their
+    identity, config fields, attention implementation, module classes and attributes, hooks, an earlier swap's
+    record) and the original exception is re-raised (see :mod:`hf_attn_swap.journal`). Layers a swap does not touch
+    keep the attention implementation the model was loaded with (eager, sdpa, ...).
+
+    Time: attention-only variants swap instantly; ``gqa``/``mqa`` with ``strategy="fit"`` runs the calibration text
+    through the model and a small solve per layer (SmolLM2-135M, 4096 tokens: about 33 s on one CPU thread). On a busy
+    or small CPU torch's default thread count (one per core) can be much slower than one thread, because the threads
+    wait for each other while other processes hold the cores: the same fit took 262-421 s with the default on a shared
+    2-core machine. Call ``torch.set_num_threads(1)`` there (the result is the same). Progress bars, per calibration
+    batch and per layer: ``hf_attn_swap.progress.enable()``.
+
     Args:
         model: a loaded transformers model of a supported ``model_type`` (see ``hf_attn_swap.convert.adapters``).
         variant: a registered name (``"gqa"``, ``"mqa"``, ...), a :class:`VariantConfig`, a ``(name, options)``
@@ -170,25 +187,25 @@ def swap_attention(model: nn.Module, variant: Any, *, layers: Any = None, calibr
 
     Raises:
         ValueError: unknown variant or option, options invalid for this model, unsupported architecture, quantized
-            model. Nothing is changed when it raises.
+            model. Nothing is changed when it (or anything else) raises.
 
     Example:
         >>> swap_attention(model, "gqa", groups=1, strategy="fit", calibration=ids)
         >>> swap_attention(model, {"0-14": ("sliding_window", {"window": 256}), "15-": "linear"})
     """
-    _check_quantized(model)
-    adapter = get_adapter(model)
-    sites = find_attention(model, adapter)
-    plan = _plan(variant, layers, options, len(sites))
-    for cfg, idx in plan:
-        cfg.check_model(model, idx)
-        if calibration is None and cfg.requires_calibration():
-            raise ValueError(
-                f"{type(cfg).variant} with {cfg.to_json()} needs calibration text: pass "
-                "calibration=<LongTensor of input ids (n, L)> (e.g. a few thousand tokens of held-in text)"
-            )
-
-    _apply_plan(model, plan, calibration=calibration)
+    with transaction(model):
+        _check_quantized(model)
+        sites = attention_sites(model)
+        plan = _plan(variant, layers, options, len(sites))
+        for cfg, idx in plan:
+            cfg.check_model(model, idx)
+            if calibration is None and cfg.requires_calibration():
+                raise ValueError(
+                    f"{type(cfg).variant} with {cfg.to_json()} needs calibration text: pass "
+                    "calibration=<LongTensor of input ids (n, L)> (e.g. a few thousand tokens of held-in text)"
+                )
+        record = _apply_plan(model, plan, calibration=calibration)
+        logger.info("%s", _summary(model, record, plan))  # one line per swap, whatever the number of layers
     return model
 
 
@@ -199,23 +216,24 @@ def _apply_plan(
     calibration: Any = None,
     structure_only: bool = False,
 ) -> SwapRecord:
-    """Apply validated plan entries in order and record them (``structure_only``: shapes only, for loading)."""
-    adapter = get_adapter(model)
-    sites = find_attention(model, adapter)
-    record = swap_record(model) or SwapRecord(original_attn_implementation=model.config._attn_implementation)
+    """Apply validated plan entries in order and record them (``structure_only``: shapes only, for loading).
+
+    Not transactional by itself (:func:`swap_attention` wraps it; loading builds a fresh model). The record is a new
+    object: an earlier swap's record is never edited in place, so a rollback restores it by putting it back.
+    """
+    old = swap_record(model)
+    record = SwapRecord(
+        original_attn_implementation=old.original_attn_implementation if old else attn_implementation(model),
+        steps=list(old.steps) if old else [],
+    )
     for cfg, idx in plan:
         spec = get_variant(type(cfg).variant)
-        facts: dict[str, Any] = {}
-        if spec.convert is not None:
-            kwargs: dict[str, Any] = {"structure_only": True} if structure_only else {}
-            if calibration is not None:
-                kwargs["calibration"] = calibration
-            facts = spec.convert(model, cfg, idx, **kwargs) or {}
-            sites = find_attention(model, adapter)  # modules may have been replaced
+        facts = _convert(model, spec, cfg, idx, calibration=calibration, structure_only=structure_only)
         if spec.prepare is not None:
             spec.prepare(model, cfg, idx)
+        sites = attention_sites(model)  # a conversion may have replaced modules
         for i in idx:
-            setattr(sites[i].module, LAYER_ATTR, LayerSwap(variant=spec.name, config=cfg, layer_idx=i))
+            _attach_layer(sites[i].module, LayerSwap(variant=spec.name, config=cfg, layer_idx=i))
         record.steps.append(
             SwapStep(
                 variant=spec.name,
@@ -226,22 +244,76 @@ def _apply_plan(
                 calibration_tokens=int(facts.get("calibration_tokens", 0)),
             )
         )
-        logger.info("applied %s to %d layer(s) with %s", spec.name, len(idx), cfg.to_json())
+        logger.debug("applied %s to %d layer(s) with %s", spec.name, len(idx), cfg.to_json())
     setattr(model, RECORD_ATTR, record)
-    _select_implementation(model, sites)
+    _select_implementation(model, attention_sites(model), record.original_attn_implementation)
     return record
 
 
-def _select_implementation(model: nn.Module, sites: list) -> None:
+def _convert(model: nn.Module, spec: Any, cfg: VariantConfig, idx: list[int], *, calibration: Any,
+             structure_only: bool) -> dict[str, Any]:
+    """Run the variant's weight conversion, if it has one; returns its facts for the record."""
+    if spec.convert is None:
+        return {}
+    kwargs: dict[str, Any] = {"structure_only": True} if structure_only else {}
+    if calibration is not None:
+        kwargs["calibration"] = calibration
+    return spec.convert(model, cfg, idx, **kwargs) or {}
+
+
+def _attach_layer(module: nn.Module, swap: LayerSwap) -> None:
+    """Mark ``module`` as running ``swap`` (the dispatcher and the variant's function read it from there)."""
+    setattr(module, LAYER_ATTR, swap)
+
+
+def _select_implementation(model: nn.Module, sites: list, original: str) -> str:
+    """Select the variant's implementation (one variant everywhere) or the per-layer dispatcher; returns it.
+
+    With the dispatcher, modules no plan touched are told the implementation the model was loaded with, which the
+    dispatcher runs for them (:mod:`.base_attention`).
+    """
     names = {(layer_swap(s.module).variant if layer_swap(s.module) else None) for s in sites}
     impl = get_variant(names.pop()).impl_name if len(names) == 1 and None not in names else DISPATCHER_NAME
-    model.set_attn_implementation(impl)
-    # Some models keep a copy on sub-configs or modules; the model-level config is what masks and layers read.
-    model.config._attn_implementation = impl
+    if impl == DISPATCHER_NAME:
+        base = original if original not in (None, DISPATCHER_NAME) else "sdpa"
+        for s in sites:
+            if layer_swap(s.module) is None:
+                s.module.__dict__[BASE_IMPL_ATTR] = base
+    set_attn_implementation(model, impl)
+    return impl
+
+
+def _layer_ranges(idx: list[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2,5"."""
+    parts, start = [], None
+    for a, b in zip(idx, idx[1:] + [None]):
+        start = a if start is None else start
+        if b != a + 1:
+            parts.append(f"{start}" if start == a else f"{start}-{a}")
+            start = None
+    return ",".join(parts)
+
+
+def _summary(model: nn.Module, record: SwapRecord, plan: list[tuple[VariantConfig, list[int]]]) -> str:
+    """The one INFO line a swap logs: what ran where, and what the other layers run."""
+    n = len(attention_sites(model))
+    steps = record.steps[-len(plan):]
+    what = "; ".join(
+        f"{s.variant} {json.dumps(s.options, sort_keys=True)} on layers {_layer_ranges(s.layers)}"
+        + (" (weights converted, lossy)" if s.lossy else "")
+        + (f" (calibrated on {s.calibration_tokens} tokens)" if s.calibration_tokens else "")
+        for s in steps
+    )
+    swapped = sum(1 for s in attention_sites(model) if layer_swap(s.module) is not None)
+    rest = "" if swapped == n else f"; the other {n - swapped} layer(s) keep {record.original_attn_implementation}"
+    return (f"swap_attention: {what} ({swapped} of {n} layers swapped, attn_implementation "
+            f"{attn_implementation(model)}{rest})")
 
 
 def unswap_attention(model: nn.Module) -> nn.Module:
     """Undo every swap on ``model`` exactly; raises if a step changed the weights (that cannot be undone).
+
+    Like :func:`swap_attention` it is one transaction: if a variant's ``restore`` raises, the model keeps its swap.
 
     Raises:
         ValueError: nothing to undo, or a lossy conversion (the message names it and says to reload the checkpoint).
@@ -256,17 +328,19 @@ def unswap_attention(model: nn.Module) -> nn.Module:
             f"cannot undo {s.variant} {s.options} on layers {s.layers[0]}..{s.layers[-1]}: the conversion replaced "
             "the weights (e.g. merged K/V heads) and the originals are gone; reload the original checkpoint instead"
         )
-    adapter = get_adapter(model)
-    for site in find_attention(model, adapter):
-        if hasattr(site.module, LAYER_ATTR):
-            delattr(site.module, LAYER_ATTR)
-    for step in record.steps:
-        spec = get_variant(step.variant)
-        if spec.restore is not None:
-            spec.restore(model, step.layers)
-    model.set_attn_implementation(record.original_attn_implementation)
-    model.config._attn_implementation = record.original_attn_implementation
-    delattr(model, RECORD_ATTR)
+    with transaction(model):  # a failing restore hook leaves the swap in place, not half undone
+        adapter = get_adapter(model)
+        for site in find_attention(model, adapter):
+            if hasattr(site.module, LAYER_ATTR):
+                delattr(site.module, LAYER_ATTR)
+        for step in record.steps:
+            spec = get_variant(step.variant)
+            if spec.restore is not None:
+                spec.restore(model, step.layers)
+        for site in find_attention(model, adapter):
+            site.module.__dict__.pop(BASE_IMPL_ATTR, None)
+        set_attn_implementation(model, record.original_attn_implementation)
+        delattr(model, RECORD_ATTR)
     return model
 
 

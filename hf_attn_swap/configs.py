@@ -56,6 +56,23 @@ class VariantConfig:
     def option_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
 
+    #: allowed values of options with a fixed set (``{"strategy": ("mean", ...)}``), for ``hf-attn-swap variants``;
+    #: a field's ``metadata["choices"]`` works too. ``__post_init__`` still does the checking.
+    option_choices: ClassVar[dict[str, tuple[Any, ...]]] = {}
+
+    @classmethod
+    def describe_options(cls) -> list[dict[str, Any]]:
+        """One ``{name, type, default, allowed, help}`` row per option, read from the dataclass fields, their
+        metadata and the ``Attributes:`` section of the class docstring."""
+        from .cliconfig import _default, config_fields, help_of, type_name
+
+        rows = []
+        for f, tp in config_fields(cls):
+            allowed = f.metadata.get("choices") or cls.option_choices.get(f.name)
+            rows.append({"name": f.name, "type": type_name(tp), "default": _default(f),
+                         "allowed": list(allowed) if allowed else None, "help": help_of(cls, f)})
+        return rows
+
 
 @dataclass
 class NoOptions(VariantConfig):

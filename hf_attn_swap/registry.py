@@ -22,6 +22,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from .base_attention import base_attention
 from .configs import NoOptions, VariantConfig
 
 logger = logging.getLogger(__name__)
@@ -58,6 +59,8 @@ class VariantSpec:
         convert: optional weight surgery ``convert(model, config, layers, *, calibration=None, structure_only=False)
             -> dict`` (facts: ``lossy``, ``vanilla``, ``calibration_tokens``); applied once by ``swap_attention``
             before the attention function is selected. ``structure_only`` only reshapes (checkpoint loading).
+            It must assign new tensors rather than write into the model's: a failing swap is rolled back by putting
+            the old objects back (:mod:`.journal`), which cannot undo an in-place write (it is logged as an error).
         prepare: optional ``prepare(model, config, layers) -> None`` that attaches per-layer state (attention-only
             variants with learnable or recurrent state).
         restore: optional ``restore(model, layers) -> None`` undoing what ``prepare`` did (used by unswap).
@@ -135,7 +138,8 @@ def register_variant(
     Args:
         name: registry and transformers name; no ``/`` or ``:``.
         attention_fn: the attention function; omit to use the decorator form.
-        config: the options dataclass (a :class:`VariantConfig` subclass).
+        config: the options dataclass (a :class:`VariantConfig` subclass). A class another variant already owns
+            (e.g. ``GQAConfig``) is never changed: the variant gets a subclass of it (``spec.config_cls``).
         mask_fn: the mask function; defaults to SDPA-format masks. Never left out: see the module docstring.
         convert: optional weight surgery.
         prepare: optional per-layer state set-up.
@@ -156,10 +160,10 @@ def register_variant(
             raise ValueError(f"variant {name!r} is already registered; pass overwrite=True to replace it")
         if not callable(fn):
             raise TypeError(f"attention_fn of {name!r} must be callable")
-        config.variant = name
+        config_cls = _config_class_for(name, config)
         spec = VariantSpec(
             name=name,
-            config_cls=config,
+            config_cls=config_cls,
             attention_fn=fn,
             mask_fn=mask_fn or default_mask,
             convert=convert,
@@ -182,6 +186,26 @@ def register_variant(
 
         return decorator
     return _register(attention_fn)
+
+
+def _config_class_for(name: str, config: type[VariantConfig]) -> type[VariantConfig]:
+    """The options class variant ``name`` owns: ``config`` itself if no variant owns it yet, else a subclass.
+
+    A config class names its variant (``GQAConfig.variant == "gqa"``) and ``swap_attention(model, GQAConfig(...))``
+    runs that variant. Rewriting the attribute of a class another variant owns would silently reroute that variant's
+    configs (``GQAConfig`` objects would run the new variant and skip gqa's weight conversion), and the shared
+    :class:`NoOptions` would name whichever option-less variant came last. Such classes get a subclass instead, with
+    the same fields and validation, owned by ``name``.
+    """
+    owner = config.__dict__.get("variant", "")  # own attribute only: a user subclass of GQAConfig owns nothing yet
+    if owner == name or (not owner and config not in (VariantConfig, NoOptions)):
+        config.variant = name
+        return config
+    label = f"{config.__name__}[{name}]"  # repr shows both: GQAConfig[my_gqa](groups=2, ...)
+    derived = type(label, (config,), {"variant": name, "__module__": config.__module__, "__qualname__": label,
+                                       "__doc__": config.__doc__})
+    logger.debug("variant %s: %s belongs to %r, using a subclass", name, config.__name__, owner or "no variant")
+    return dataclass(derived)
 
 
 def _first_line(doc: str | None) -> str:
@@ -210,12 +234,11 @@ def layer_swap(module: torch.nn.Module) -> LayerSwap | None:
 
 
 def _dispatch_attention(module: torch.nn.Module, *args: Any, **kwargs: Any):
-    """Per-layer plans: run the variant recorded on this module, SDPA for modules no plan touched."""
+    """Per-layer plans: run the variant recorded on this module; modules no plan touched run the implementation the
+    model was loaded with (:mod:`.base_attention`)."""
     swap = layer_swap(module)
     if swap is None:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        return sdpa_attention_forward(module, *args, **kwargs)
+        return base_attention(module, *args, **kwargs)
     return _REGISTRY[swap.variant].attention_fn(module, *args, **kwargs)
 
 

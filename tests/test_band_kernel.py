@@ -10,6 +10,11 @@ from hf_attn_swap.variants import band_cpu
 
 TOL = 2e-5
 
+# Where the CPU cannot run the kernel (not x86-64, no AVX2/FMA) or there is no C compiler, these tests have nothing
+# to test: callers take the SDPA path there, which test_variants_* cover. The reason is printed with -rs.
+_CANNOT = band_cpu.unavailable_reason()
+pytestmark = pytest.mark.skipif(_CANNOT is not None, reason=f"band kernel cannot run here: {_CANNOT}")
+
 
 def _reference(q, k, v, window, q_offset, scale):
     m = q.shape[2]
@@ -21,7 +26,7 @@ def _reference(q, k, v, window, q_offset, scale):
 
 @pytest.fixture(scope="module", autouse=True)
 def _kernel_built():
-    # This machine (and CI) has a C compiler and AVX2: the kernel must build, not quietly fall back.
+    # This CPU can run it and a compiler is there: the kernel must build, not quietly fall back.
     assert band_cpu.available(), "band_cpu.c did not build or cannot run here"
 
 
@@ -193,3 +198,15 @@ def test_hybrid_window_part_takes_the_kernel_in_inference(monkeypatch):
             o_e, lse_e = band_softmax_lse(q, k, v, **args)
     assert calls == [1]  # the first call took the kernel, the one inside off() did not
     assert torch.allclose(o_k, o_e, atol=TOL) and torch.allclose(lse_k, lse_e, atol=1e-5)
+
+
+def test_skip_marker_follows_the_cpu(monkeypatch):
+    """The module's skip condition is the same check the library uses to decide whether to build at all."""
+    monkeypatch.setattr(band_cpu, "_cpu_flags", lambda: {"sse4_2", "avx"})
+    reason = band_cpu.unavailable_reason()
+    assert reason is not None and "AVX2" in reason
+    band_cpu._library.cache_clear()
+    try:
+        assert not band_cpu.available()  # no build attempted on a CPU that cannot run it
+    finally:
+        band_cpu._library.cache_clear()

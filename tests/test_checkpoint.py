@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import subprocess
 import sys
 
@@ -11,7 +13,17 @@ import torch
 from tiny_models import output, tiny
 
 from hf_attn_swap import kv_heads_per_layer, swap_attention, swap_record
-from hf_attn_swap.checkpoint import SIDECAR, SidecarMismatchError, load_swapped, read_sidecar, save_swapped
+from hf_attn_swap import checkpoint
+from hf_attn_swap.checkpoint import (
+    CONFIG_MARK,
+    SIDECAR,
+    CheckpointIntegrityError,
+    SidecarMismatchError,
+    load_swapped,
+    read_sidecar,
+    save_swapped,
+)
+from hf_attn_swap.outputs import OutputDirError
 
 IDS = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(0))
 
@@ -26,6 +38,16 @@ with torch.no_grad():
 assert "hf_attn_swap" not in sys.modules, "vanilla reload imported hf_attn_swap"
 print(model.config.num_key_value_heads)
 """
+
+
+def _reseal(ckpt):
+    """Record the files' current hashes in the sidecar, as a deliberate editor might: what is then left to catch a
+    mismatch is the structural checks."""
+    side = ckpt / SIDECAR
+    data = json.loads(side.read_text())
+    data["sha256"] = {n: hashlib.sha256((ckpt / n).read_bytes()).hexdigest() for n in data["sha256"]}
+    data["sidecar_sha256"] = checkpoint._content_digest(data)
+    side.write_text(json.dumps(data))
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
@@ -100,8 +122,10 @@ def test_sidecar_that_does_not_match_the_weights_is_refused(arch, tmp_path):
     data = json.loads(side.read_text())
     data["record"]["steps"][0]["options"]["groups"] = 1  # claims MQA, weights hold 2 KV heads
     side.write_text(json.dumps(data))
-    with pytest.raises(SidecarMismatchError, match="does not"):
+    _reseal(tmp_path / "ckpt")  # the hash then passes and the shape check must catch it
+    with pytest.raises(SidecarMismatchError, match="does not") as err:
         load_swapped(tmp_path / "ckpt")
+    assert not isinstance(err.value, CheckpointIntegrityError)  # the shape check, not the hash, refused it
 
 
 def test_interrupted_save_leaves_the_previous_directory(tmp_path, monkeypatch):
@@ -122,7 +146,7 @@ def test_interrupted_save_leaves_the_previous_directory(tmp_path, monkeypatch):
 
     monkeypatch.setattr(type(other), "save_pretrained", crash)
     with pytest.raises(KeyboardInterrupt):
-        save_swapped(other, target)
+        save_swapped(other, target, overwrite=True)
     assert sorted(p.name for p in target.iterdir()) == before
     assert torch.equal(output(load_swapped(target), IDS), ref)
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no half-written directory left beside it
@@ -153,5 +177,165 @@ def test_hedgehog_round_trip_and_missing_state_is_refused(tmp_path, window):
         assert any(k.endswith("log_gamma") for k in loaded.state_dict())
     f = tmp_path / "ckpt" / "model.safetensors"
     save_file({k: v for k, v in load_file(str(f)).items() if "feature_map" not in k}, str(f))
+    _reseal(tmp_path / "ckpt")  # past the hash check, so the feature-map check itself is what refuses it
     with pytest.raises(ValueError, match="no trained hedgehog feature-map state"):
         load_swapped(tmp_path / "ckpt")
+
+
+# --- integrity: hashes recorded on save, verified on load; every failure injected -----------------------------------
+
+
+def _saved(tmp_path, arch="llama", variant="gqa", **opts):
+    model = tiny(arch)
+    swap_attention(model, variant, **(opts or {"groups": 2, "strategy": "mean"}))
+    return model, save_swapped(model, tmp_path / "ckpt")
+
+
+def test_sidecar_records_the_hashes_of_config_weights_and_itself(tmp_path):
+    _, ckpt = _saved(tmp_path)
+    side = read_sidecar(ckpt)
+    assert side["format_version"] == 2
+    assert set(side["sha256"]) == {"config.json", "model.safetensors"}
+    for name, digest in side["sha256"].items():
+        assert hashlib.sha256((ckpt / name).read_bytes()).hexdigest() == digest
+    assert sorted(p.name for p in ckpt.iterdir() if p.name != SIDECAR) == side["files"]
+    # Reformatting the sidecar changes no content: still verified and loadable.
+    (ckpt / SIDECAR).write_text(json.dumps(json.loads((ckpt / SIDECAR).read_text()), indent=8))
+    load_swapped(ckpt)
+
+
+@pytest.mark.parametrize("cut", ["half", "empty"])
+def test_truncated_sidecar_is_an_error_naming_the_file_and_the_json_problem(tmp_path, cut):
+    _, ckpt = _saved(tmp_path)
+    side = ckpt / SIDECAR
+    text = side.read_text()
+    side.write_text(text[: len(text) // 2] if cut == "half" else "")
+    with pytest.raises(CheckpointIntegrityError,
+                       match=rf"{side} is not valid JSON \(.* at line \d+ column \d+\): it is truncated or damaged"):
+        load_swapped(ckpt)
+
+
+def test_sidecar_with_an_edited_window_is_refused(tmp_path):
+    """Before hashes, this loaded silently with the wrong window."""
+    model, ckpt = _saved(tmp_path, "llama", "sliding_window", window=4)
+    side = ckpt / SIDECAR
+    data = json.loads(side.read_text())
+    data["record"]["steps"][0]["options"]["window"] = 8
+    side.write_text(json.dumps(data, indent=2))
+    with pytest.raises(CheckpointIntegrityError, match=rf"{side} was changed after saving: the sha256 of its content "
+                       r"is [0-9a-f]{16}\.\.\., the recorded sidecar_sha256 is [0-9a-f]{16}"):
+        load_swapped(ckpt)
+
+
+def test_edited_or_replaced_weights_are_refused_naming_the_file(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _, ckpt = _saved(tmp_path)
+    weights = ckpt / "model.safetensors"
+    recorded = read_sidecar(ckpt)["sha256"]["model.safetensors"]
+    state = load_file(str(weights))
+    name = sorted(state)[0]
+    state[name] = state[name] + 1e-3  # a valid file with the same tensors and shapes, other values
+    save_file(state, str(weights), metadata={"format": "pt"})
+    with pytest.raises(CheckpointIntegrityError, match=rf"{weights} is not the file that was saved: sha256 "
+                       rf"[0-9a-f]{{16}}\.\.\. found, {recorded[:16]}\.\.\. recorded in {SIDECAR}"):
+        load_swapped(ckpt)
+    weights.unlink()
+    with pytest.raises(CheckpointIntegrityError, match=rf"{weights} is missing"):
+        load_swapped(ckpt)
+
+
+def test_edited_config_is_refused(tmp_path):
+    _, ckpt = _saved(tmp_path)
+    cfg = ckpt / "config.json"
+    data = json.loads(cfg.read_text())
+    data["rope_theta"] = 1234.0
+    cfg.write_text(json.dumps(data))
+    with pytest.raises(CheckpointIntegrityError, match=rf"{cfg} is not the file that was saved"):
+        load_swapped(ckpt)
+
+
+def test_a_checkpoint_that_needs_its_sidecar_refuses_to_load_plain_without_it(tmp_path, caplog):
+    from transformers import AutoModelForCausalLM
+
+    model, ckpt = _saved(tmp_path, "llama", "linear", feature_map="elu")
+    ref = output(model, IDS)
+    assert read_sidecar(ckpt)["vanilla"] is False
+    mark = json.loads((ckpt / "config.json").read_text())[CONFIG_MARK]
+    assert mark["needs_sidecar"] is True and mark["variants"] == ["linear"] and "load_swapped" in mark["note"]
+    # The mark keeps the folder loadable by transformers itself (with the original attention, as the note says).
+    AutoModelForCausalLM.from_pretrained(ckpt)
+    loaded = load_swapped(ckpt)
+    assert not hasattr(loaded.config, CONFIG_MARK)  # describes the folder, not the model: not carried into a re-save
+    (ckpt / SIDECAR).unlink()
+    with pytest.raises(CheckpointIntegrityError, match=rf"{ckpt / SIDECAR} is missing: .*\(linear\) that config.json "
+                       "cannot describe; restore the sidecar, or pass allow_plain=True"):
+        load_swapped(ckpt)
+    with caplog.at_level(logging.WARNING, logger=checkpoint.__name__):
+        plain = load_swapped(ckpt, allow_plain=True)
+    assert any("original attention" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert not torch.allclose(output(plain, IDS), ref)  # really the original attention: why the default refuses
+
+
+def test_vanilla_checkpoints_carry_no_mark_and_load_plain_without_sidecar(tmp_path):
+    model, ckpt = _saved(tmp_path, "llama", "gqa", groups=2, strategy="mean")
+    assert CONFIG_MARK not in json.loads((ckpt / "config.json").read_text())
+    (ckpt / SIDECAR).unlink()
+    assert torch.equal(output(load_swapped(ckpt), IDS), output(model, IDS))
+
+
+def test_format_1_sidecar_still_loads_with_a_warning(tmp_path, caplog):
+    model, ckpt = _saved(tmp_path, "gpt2")
+    side = ckpt / SIDECAR
+    data = json.loads(side.read_text())
+    for key in ("files", "sha256", "sidecar_sha256"):
+        del data[key]
+    data["format_version"] = 1
+    side.write_text(json.dumps(data))
+    with caplog.at_level(logging.WARNING, logger=checkpoint.__name__):
+        loaded = load_swapped(ckpt)
+    assert torch.equal(output(loaded, IDS), output(model, IDS))
+    assert any("records no hashes" in r.getMessage() and "cannot be verified" in r.getMessage()
+               for r in caplog.records)
+
+
+# --- the target folder: checked before anything is written; nothing we did not write is deleted -------------------
+
+
+def test_save_refuses_a_folder_with_a_users_file_and_leaves_it(tmp_path):
+    model = tiny("llama")
+    target = tmp_path / "mine"
+    target.mkdir()
+    (target / "thesis.tex").write_text("years of work")
+    for overwrite in (False, True):
+        with pytest.raises(OutputDirError, match=rf"{target} is not a checkpoint \(thesis.tex\); saving replaces the "
+                           "whole folder and would delete them, even with overwrite"):
+            save_swapped(model, target, overwrite=overwrite)
+    assert [p.name for p in target.iterdir()] == ["thesis.tex"]
+    assert (target / "thesis.tex").read_text() == "years of work"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # no temp folder left beside it
+
+
+def test_overwrite_replaces_our_checkpoint_but_not_a_file_added_to_it(tmp_path):
+    first, ckpt = _saved(tmp_path, "gpt2")
+    second = tiny("gpt2", seed=1)
+    swap_attention(second, "gqa", groups=4)
+    with pytest.raises(OutputDirError, match="already holds a checkpoint .*pass --overwrite"):
+        save_swapped(second, ckpt)
+    assert torch.equal(output(load_swapped(ckpt), IDS), output(first, IDS))
+    save_swapped(second, ckpt, overwrite=True)
+    assert torch.equal(output(load_swapped(ckpt), IDS), output(second, IDS))
+    (ckpt / "notes.md").write_text("mine")
+    with pytest.raises(OutputDirError, match=r"holds files a checkpoint did not write \(notes.md\)"):
+        save_swapped(first, ckpt, overwrite=True)
+    assert (ckpt / "notes.md").read_text() == "mine"
+    assert torch.equal(output(load_swapped(ckpt), IDS), output(second, IDS))
+
+
+def test_overwrite_replaces_a_plain_transformers_checkpoint(tmp_path):
+    plain = tiny("llama")
+    plain.save_pretrained(tmp_path / "ckpt")
+    model = tiny("llama", seed=1)
+    swap_attention(model, "gqa", groups=2, strategy="mean")
+    save_swapped(model, tmp_path / "ckpt", overwrite=True)
+    assert torch.equal(output(load_swapped(tmp_path / "ckpt"), IDS), output(model, IDS))

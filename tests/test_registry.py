@@ -168,3 +168,69 @@ def test_custom_variant_example_runs(smollm2):
     torch.testing.assert_close(same, before, atol=1e-4, rtol=1e-4)  # temperature 1 == SDPA (fp32, 30 layers)
     with pytest.raises(ValueError, match="temperature must be > 0"):
         swap_attention(model, "temperature_sdpa", temperature=0)
+
+
+def test_registering_with_another_variants_config_class_leaves_that_class_alone():
+    """register_variant("my_gqa", config=GQAConfig) used to rewrite GQAConfig.variant: GQAConfig(...) objects then
+    ran my_gqa and skipped gqa's weight conversion."""
+    from hf_attn_swap import GQAConfig, kv_heads_per_layer
+    from hf_attn_swap.variants.gqa import grouped_attention
+
+    spec = register_variant("test_my_gqa", grouped_attention, config=GQAConfig, overwrite=True)
+    try:
+        assert GQAConfig.variant == "gqa" and get_variant("gqa").config_cls is GQAConfig
+        assert spec.config_cls is not GQAConfig and issubclass(spec.config_cls, GQAConfig)
+        assert spec.config_cls.variant == "test_my_gqa"
+        model = tiny("llama")
+        swap_attention(model, GQAConfig(groups=2))
+        assert kv_heads_per_layer(model) == [2, 2]  # weights converted: gqa ran
+        assert swap_record(model).steps[0].variant == "gqa"
+        other = tiny("llama")
+        swap_attention(other, "test_my_gqa", groups=2)  # the new variant gets its own (derived) options class
+        assert swap_record(other).steps[0].variant == "test_my_gqa" and kv_heads_per_layer(other) == [4, 4]
+        assert type(layer_swap(other.model.layers[0].self_attn).config) is spec.config_cls
+    finally:
+        _REGISTRY.pop("test_my_gqa", None)
+    # Re-registering a name with the class it already owns keeps that class (the fixture above relies on it).
+    again = register_variant("test_scaled", _scaled, config=ScaleConfig, overwrite=True)
+    assert again.config_cls is ScaleConfig and ScaleConfig.variant == "test_scaled"
+
+
+def test_variants_without_options_do_not_share_a_class():
+    """Option-less variants used to write their name into the one shared NoOptions class: the last one won."""
+    from hf_attn_swap.configs import NoOptions
+
+    a = register_variant("test_plain_a", _unit_scaled, overwrite=True)
+    b = register_variant("test_plain_b", _unit_scaled, overwrite=True)
+    try:
+        assert NoOptions.variant == ""
+        assert a.config_cls is not b.config_cls and (a.config_cls.variant, b.config_cls.variant) == (
+            "test_plain_a", "test_plain_b")
+        model = tiny("llama")
+        swap_attention(model, "test_plain_a")
+        assert swap_record(model).steps[0].variant == "test_plain_a"
+        assert model.config._attn_implementation == "test_plain_a"
+    finally:
+        _REGISTRY.pop("test_plain_a", None)
+        _REGISTRY.pop("test_plain_b", None)
+
+
+def _unit_scaled(module, query, key, value, attention_mask, scaling=None, **kw):
+    causal = attention_mask is None and query.shape[2] > 1
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling,
+                                         is_causal=causal, enable_gqa=True)
+    return out.transpose(1, 2), None
+
+
+def test_variants_do_not_import_the_api():
+    """The registry imports the variants; a variant importing hf_attn_swap.api (which imports the registry) closes
+    an import circle. Variants walk the model through hf_attn_swap.convert instead."""
+    import ast
+
+    root = Path(__file__).parents[1] / "hf_attn_swap" / "variants"
+    offenders = []
+    for path in sorted(root.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level >= 2 and (node.module or "").split(".")[0] == "api":
+                offenders.append(f"{path.name}:{node.lineno}")
+    assert not offenders, offenders

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from plain_perplexity import plain_perplexity
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from hf_attn_swap.checkpoint import load_swapped
+from hf_attn_swap.data import load_text, tokenize
 from hf_attn_swap.train import UptrainConfig, uptrain
 from hf_attn_swap.zoo import resolve_model
 
@@ -44,10 +47,21 @@ def test_uptrain_runs_measures_saves_and_reloads_identically(base, tmp_path):
     cfg = small(base, tmp_path / "run")
     r = uptrain(cfg)
     assert [c.stage for c in r.curve] == ["converted", "layerwise", "end_to_end"]
-    assert r.ppl_original > 1 and r.ppl_converted > 1 and r.ppl_uptrained == r.curve[-1].ppl
+    assert r.ppl_uptrained == r.curve[-1].ppl
+    # the original's held-out perplexity is the plain teacher's on the first 2 x 64 validation tokens, computed
+    # independently; converting changes it, training moves it again
+    tok = AutoTokenizer.from_pretrained(base)
+    held = tokenize(tok, load_text("shakespeare", split="validation"), max_tokens=2 * 64)
+    teacher = AutoModelForCausalLM.from_pretrained(base).eval()
+    assert r.ppl_original == pytest.approx(plain_perplexity(teacher, held, 64), rel=1e-5)
+    assert r.ppl_converted != pytest.approx(r.ppl_original, rel=1e-6)
+    assert r.ppl_uptrained == pytest.approx(plain_perplexity(r.model.eval(), held, 64), rel=1e-5)
+    assert r.provenance["models"][0]["weights_sha256"]["model.safetensors"] == \
+        hashlib.sha256((base / "model.safetensors").read_bytes()).hexdigest()
     assert r.tokens == 256 + 512 + 1024
     saved = json.loads((tmp_path / "run" / "uptrain_result.json").read_text())
-    assert {"ppl_original", "ppl_converted", "ppl_uptrained", "tokens", "seconds", "curve"} <= set(saved)
+    assert {"ppl_original", "ppl_converted", "ppl_uptrained", "tokens", "seconds", "curve", "provenance"} <= set(saved)
+    assert saved["provenance"]["corpora"][0]["name"] == "shakespeare" and saved["provenance"]["git"]
     losses = [e["loss"] for e in r.train_log if "loss" in e]
     assert len(losses) == 1024 // (4 * 64)
 
@@ -102,3 +116,28 @@ def test_cli_prints_resolved_config(capsys):
     printed = capsys.readouterr().out
     assert "tokens: 123" in printed and "lr: 0.0002" in printed
     assert main(["uptrain", "--print-config", "trainable=mlp"]) == 2  # clear one-line error
+
+
+def test_recipe_results_json_has_provenance_and_a_checkable_md(base, tmp_path):
+    """recipes/uptrain.py --results: the JSON records where it came from; the .md beside it is a generated block that
+    python -m hf_attn_swap.readme --check holds to that JSON (a hand edit of a figure fails the check)."""
+    import importlib.util
+
+    from hf_attn_swap import readme
+
+    spec = importlib.util.spec_from_file_location("uptrain_recipe", ROOT / "recipes" / "uptrain.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    cfg_path = tmp_path / "cfg.json"
+    cfg_path.write_text(small(base, tmp_path / "run", tokens=0, layerwise_steps=2).to_json())
+    results = tmp_path / "res" / "r.json"
+    assert recipe.main(["--config", str(cfg_path), "--results", str(results)]) == 0
+
+    saved = json.loads(results.read_text())
+    assert saved["provenance"]["models"][0]["path"] == str(base.resolve())
+    md = results.with_suffix(".md")
+    assert md.read_text().startswith("<!-- generated: r.json uptrain_table -->\n`python recipes/uptrain.py")
+    assert readme.main(["--check", str(md), "--root", str(ROOT)]) == 0
+    layerwise = next(c for c in saved["curve"] if c["stage"] == "layerwise")
+    md.write_text(md.read_text().replace(f"| {layerwise['ppl']:.2f} |", "| 1.00 |"))
+    assert readme.main(["--check", str(md), "--root", str(ROOT)]) == 1

@@ -118,14 +118,16 @@ def test_config_round_trip_and_validation(tmp_path):
         cfg.save(tmp_path / name)
         assert UptrainConfig.load(tmp_path / name) == cfg
     assert cfg.override(["lr=1e-3", "tokens=null", "alpha=0.001"]).budget_tokens() == 2_000_000_000
-    with pytest.raises(ValueError, match="allowed: all, attention, kv, feature_map, lora"):
+    with pytest.raises(ValueError, match="trainable must be one of all, attention, kv, feature_map, lora, got .everything."):
         UptrainConfig(trainable="everything")
     with pytest.raises(ValueError, match="either as tokens or as alpha"):
         UptrainConfig(tokens=10, alpha=0.1)
     with pytest.raises(ValueError, match="pretrain_tokens"):
         UptrainConfig(model="/some/dir", tokens=None, alpha=0.01).budget_tokens()
-    with pytest.raises(ValueError, match="unknown uptrain option"):
+    with pytest.raises(ValueError, match="unknown key 'learning_rate'.*allowed in the top level: model, variant"):
         cfg.override(["learning_rate=1"])
+    with pytest.raises(ValueError, match=r"unknown key 'kl_wieght' \(did you mean 'kl_weight'\?\)"):
+        UptrainConfig.from_dict({"kl_wieght": 2.0})
 
 
 # ---------------------------------------------------------------- layerwise attention transfer

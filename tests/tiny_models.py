@@ -15,7 +15,11 @@ TINY = {
     "qwen2": (lambda: tf.Qwen2Config(**COMMON, num_key_value_heads=4, **SPECIAL), tf.Qwen2ForCausalLM),
     "qwen3": (lambda: tf.Qwen3Config(**COMMON, num_key_value_heads=4, head_dim=8, **SPECIAL), tf.Qwen3ForCausalLM),
     "gemma": (lambda: tf.GemmaConfig(**COMMON, num_key_value_heads=4, head_dim=8, **SPECIAL), tf.GemmaForCausalLM),
-    "gemma2": (lambda: tf.Gemma2Config(**COMMON, num_key_value_heads=4, head_dim=8, **SPECIAL), tf.Gemma2ForCausalLM),
+    # eager: what transformers >= 5.24 picks for Gemma2 (its logit softcap); 5.20 picked SDPA, which drops the softcap
+    "gemma2": (
+        lambda: tf.Gemma2Config(**COMMON, num_key_value_heads=4, head_dim=8, attn_implementation="eager", **SPECIAL),
+        tf.Gemma2ForCausalLM,
+    ),
     "gemma3_text": (
         lambda: tf.Gemma3TextConfig(**COMMON, num_key_value_heads=4, head_dim=8, **SPECIAL),
         tf.Gemma3ForCausalLM,

@@ -5,87 +5,52 @@ from __future__ import annotations
 import argparse
 import logging
 
-from ..cli import echo
+from ..cli import echo, use_threads
+from ..cliconfig import add_config_command, config_from_args, dump_yaml
+from ..eval.config import EvalConfig
 
 logger = logging.getLogger(__name__)
 
-#: command-line flag -> dotted config key
-_FLAGS = {
-    "model": "model",
-    "variants": "variants",
-    "out": "out",
-    "dtype": "dtype",
-    "device": "device",
-    "missing": "missing",
-    "corpus": "perplexity.corpus",
-    "split": "perplexity.split",
-    "max_tokens": "perplexity.max_tokens",
-    "context": "perplexity.context",
-    "stride": "perplexity.stride",
-    "batch_size": "perplexity.batch_size",
-    "threads": "speed.threads",
-    "eval_threads": "eval_threads",
-}
-
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "eval",
+    p = add_config_command(
+        sub, "eval", EvalConfig,
         help="compare attention variants: perplexity, prefill/decode speed, KV bytes, passkey (json/csv/md/png)",
         description=(
             "Evaluate the unconverted model and each variant (applied to a fresh copy): strided perplexity "
             "(token, bits/byte, word), prefill latency and cached decode tokens/s, KV-cache bytes (measured and "
             "analytic), peak memory, passkey retrieval. Writes DIR/results.json, results.csv, results.md, "
-            "pareto.png and run.json. Precedence: defaults < --config YAML < flags < --set."
+            "pareto.png and run.json. A variant that is not registered stops the run before the model is loaded "
+            "(--missing skip records it and goes on)."
         ),
+        examples=[
+            "hf-attn-swap eval --out out/eval                      # the default comparison (~11 min on 2 cores)",
+            "hf-attn-swap eval --variants baseline,mqa:strategy=fit,sliding_window:window=256 --max-tokens 2048",
+            "hf-attn-swap eval --config recipes/configs/eval_quick.yaml speed.decode_contexts=[128,512]",
+            "hf-attn-swap eval --model ./my-model --perplexity.corpus notes.txt --no-passkey --threads 2",
+        ],
     )
-    p.add_argument("--config", help="YAML config (see recipes/configs/eval_default.yaml)")
-    p.add_argument("--model", help="short name (smollm2-135m) or local model directory")
-    p.add_argument("--variants", help="e.g. 'gqa:groups=1,sliding_window:window=256' (baseline is always added)")
-    p.add_argument("--out", help="output directory")
-    p.add_argument("--corpus", help="corpus name (shakespeare, kjv, sotu, wikitext-2) or a .txt file/directory")
-    p.add_argument("--split", choices=["train", "validation", "all"], help="corpus split for perplexity")
-    p.add_argument("--max-tokens", type=int, help="perplexity tokens")
-    p.add_argument("--context", type=int, help="perplexity window length")
-    p.add_argument("--stride", type=int, help="perplexity window stride (default: context)")
-    p.add_argument("--batch-size", type=int, help="perplexity windows per forward")
-    p.add_argument("--threads", type=int, help="torch threads while timing (default 1)")
-    p.add_argument("--eval-threads", type=int, help="torch threads for perplexity/passkey (default: torch's)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", help="cpu, cuda, cuda:0, ...")
-    p.add_argument("--missing", choices=["skip", "error"], help="unregistered variants: record and skip, or fail")
-    p.add_argument("--no-passkey", action="store_true", help="skip the passkey probe")
-    p.add_argument("--no-plot", action="store_true", help="do not write pareto.png")
-    p.add_argument("--progress", action="store_true", help="progress bars")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="dotted config override, repeatable (e.g. --set speed.decode_contexts=[128,512])")
+    p.add_argument("--threads", type=int, metavar="int",
+                   help="torch threads for everything (sets eval_threads and speed.threads; default 1: stable "
+                   "timings and the least contention on a small shared CPU)")
+    p.add_argument("--no-passkey", action="store_true", help="skip the passkey probe (= passkey.enabled=false)")
     p.set_defaults(func=run)
 
 
-def overrides_from_args(args: argparse.Namespace) -> list[str]:
-    """The flags that were given, as dotted overrides (then ``--set`` items, which win)."""
-    out = []
-    for flag, key in _FLAGS.items():
-        value = getattr(args, flag, None)
-        if value is not None:
-            out.append(f"{key}={value}")
-    if args.no_passkey:
-        out.append("passkey.enabled=false")
-    if args.no_plot:
-        out.append("plot=false")
-    if args.progress:
-        out.append("progress=true")
-    return out + list(args.set)
-
-
 def run(args: argparse.Namespace) -> int:
-    from ..eval.compare import load_config, run_comparison
+    extra = [f"eval_threads={args.threads}", f"speed.threads={args.threads}"] if args.threads is not None else []
+    extra += ["passkey.enabled=false"] if args.no_passkey else []
+    cfg = config_from_args(EvalConfig, args, extra)
+    if args.print_config:
+        echo(dump_yaml(cfg), end="")
+        return 0
+    from ..eval.compare import check_variants, run_comparison
 
-    try:
-        cfg = load_config(args.config, overrides_from_args(args))
-    except FileNotFoundError as err:
-        raise ValueError(f"config file not found: {err.filename}") from None
-    records = run_comparison(cfg)
+    check_variants(cfg)  # unknown variants/options: one error line before anything else is said or loaded
+    use_threads(cfg.eval_threads)
+    if cfg.speed.threads != cfg.eval_threads:
+        logger.info("timing on %s torch thread(s) (speed.threads)", cfg.speed.threads)
+    records = run_comparison(cfg, overwrite=cfg.overwrite)
     for r in records:
         if r.get("status") != "ok":
             echo(f"{r['variant']}: {r['status']}: {r.get('reason')}")

@@ -5,35 +5,41 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..cli import echo
+from ..cli import echo, use_threads
+from ..cliconfig import add_config_command, config_from_args
+from ..train.config import UptrainConfig
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "uptrain",
+    p = add_config_command(
+        sub, "uptrain", UptrainConfig,
         help="convert a model's attention and win back what the conversion lost by training",
         description="Stages: per-layer attention-output matching on the teacher's hidden states, then end-to-end "
-        "training (LM / logit distillation / attention transfer) on the HF Trainer. Options come from a YAML/JSON "
-        "config (see recipes/configs/uptrain_*.yaml) with key=value overrides; run under `accelerate launch` for "
-        "several GPUs.",
+        "training (LM / logit distillation / attention transfer) on the HF Trainer. Options come from the flags "
+        "below, a YAML/JSON --config (see recipes/configs/uptrain_*.yaml) and trailing key=value overrides; run "
+        "under `accelerate launch recipes/uptrain.py` for several GPUs.",
+        examples=[
+            "hf-attn-swap uptrain --config recipes/configs/uptrain_smollm2_mqa.yaml",
+            "hf-attn-swap uptrain --config recipes/configs/uptrain_smollm2_mqa.yaml tokens=32768 lr=1e-4 threads=2",
+            "hf-attn-swap uptrain --variant linear --variant-options '{feature_map: hedgehog, window: 64}' "
+            "--trainable lora --print-config",
+            "hf-attn-swap uptrain --config recipes/configs/uptrain_smollm2_mqa.yaml --resume",
+        ],
     )
-    p.add_argument("--config", help="a YAML or JSON UptrainConfig file (defaults otherwise)")
-    p.add_argument("--resume", nargs="?", const=True, default=False,
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
                    help="continue the run in output_dir (its latest checkpoint, or the checkpoint path given)")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. tokens=50000 lr=1e-4")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..train import UptrainConfig, uptrain
-
-    cfg = UptrainConfig.load(args.config) if args.config else UptrainConfig()
-    cfg = cfg.override(list(args.overrides))
+    cfg = config_from_args(UptrainConfig, args)
     if args.print_config:
         echo(cfg.to_yaml(), end="")
         return 0
-    result = uptrain(cfg, resume=args.resume)
+    use_threads(cfg.threads)
+    from ..train import uptrain
+
+    result = uptrain(cfg, resume=args.resume, overwrite=cfg.overwrite)
     summary = {k: result.to_dict()[k] for k in ("ppl_original", "ppl_converted", "ppl_uptrained", "recovery",
                                                   "tokens", "seconds", "output_dir")}
     echo(json.dumps(summary, indent=2))

@@ -30,6 +30,8 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from ..progress import progress
+
 logger = logging.getLogger(__name__)
 
 #: ``consume(module_index, second_moment) -> anything``: called as soon as a module's statistic is final.
@@ -104,7 +106,8 @@ class _Moments:
 
     def result(self, tokens: int, consume: Consumer | None) -> tuple[list[Any], int]:
         out = [self.take(i, tokens) for i in range(self.n)]
-        logger.info("calibration: %d tokens through %d attention modules", tokens, self.n)
+        # DEBUG: the swap that calibrates logs one INFO line itself (the token count is in its record).
+        logger.debug("calibration: %d tokens through %d attention modules", tokens, self.n)
         return ([consume(i, c) for i, c in enumerate(out)] if consume else out), tokens
 
 
@@ -145,7 +148,7 @@ def input_second_moments(
     was_training = model.training
     model.eval()
     try:
-        for batch in _as_batches(calibration):
+        for batch in progress(list(_as_batches(calibration)), desc="calibration", unit="batch"):
             n, moments.mask = _tokens(batch)
             tokens += n
             model(**_to(batch, device), use_cache=False)
@@ -352,9 +355,9 @@ def layerwise_second_moments(
     try:
         run_dtype = _resolve_compute_dtype(model, device, compute_dtype)
         if run_dtype is not None:
-            logger.info("calibration: layers run in %s", run_dtype)
+            logger.debug("calibration: layers run in %s", run_dtype)
         states, calls = _capture_layer_inputs(model, layers, last, batches, device, run_dtype)
-        for j in range(last + 1):
+        for j in progress(range(last + 1), desc="calibration, layer by layer", unit="layer"):
             watched = [i for i, lj in layer_of.items() if lj == j]
             handles = [modules[i].register_forward_pre_hook(moments.hook(i), with_kwargs=True) for i in watched]
             try:
@@ -376,7 +379,7 @@ def layerwise_second_moments(
             logger.debug("layer-by-layer calibration: layer %d of %d done", j + 1, last + 1)
     finally:
         model.train(was_training)
-    logger.info("calibration: %d tokens through %d attention modules, layer by layer", tokens, len(modules))
+    logger.debug("calibration: %d tokens through %d attention modules, layer by layer", tokens, len(modules))
     return results, tokens
 
 

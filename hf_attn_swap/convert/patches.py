@@ -3,16 +3,20 @@
 Only GPT-NeoX needs one: its fused ``query_key_value`` is viewed as ``(..., heads, 3 * head_size)``, interleaved per
 head, so a smaller K/V cannot be expressed in that layout. A converted module gets a subclass (so ``isinstance`` and
 the adapter's class match still hold) whose forward reads the fused projection as ``[Q | K | V]`` blocks.
+
+The forward follows transformers' ``GPTNeoXAttention.forward`` (same signature, same helpers from its modeling file);
+``tests/test_internals.py`` checks that signature and those helpers, so a transformers release that changes them fails
+there, by name, rather than here.
 """
 
 from __future__ import annotations
 
-import sys
 from typing import Callable
 
 import torch
 from torch import nn
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from ..hf_compat import attention_function, modeling_module_of
 
 
 def _gpt_neox_block_forward(
@@ -23,7 +27,7 @@ def _gpt_neox_block_forward(
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
     **kwargs,
 ):
-    neox = sys.modules[type(self).__mro__[1].__module__]
+    neox = modeling_module_of(self, depth=1)  # the class this patch subclasses
     input_shape = hidden_states.shape[:-1]
     qkv = self.query_key_value(hidden_states)
     q_size = self.config.num_attention_heads * self.head_size
@@ -35,9 +39,7 @@ def _gpt_neox_block_forward(
     q, k = neox.apply_rotary_pos_emb(q, k, cos, sin)  # partial rotary: only the first rotary dims turn
     if layer_past is not None:
         k, v = layer_past.update(k, v, self.layer_idx)
-    attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-        self.config._attn_implementation, neox.eager_attention_forward
-    )
+    attention_interface: Callable = attention_function(self.config, neox.eager_attention_forward)
     out, weights = attention_interface(
         self,
         q,

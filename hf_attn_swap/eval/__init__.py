@@ -4,16 +4,64 @@
 * :mod:`.speed` - prefill latency and cached decode tokens/s (warm-up, repeats, median, IQR; threads recorded).
 * :mod:`.memory` - KV-cache bytes measured from the cache object and computed analytically; peak memory.
 * :mod:`.passkey` - passkey retrieval at several lengths and depths.
-* :mod:`.compare` - the comparison driver (config, run) used by ``hf-attn-swap eval`` and ``recipes/eval_ppl_speed.py``.
+* :mod:`.config` - the comparison's typed config (torch-free: ``--help`` stays fast).
+* :mod:`.compare` - the comparison run, used by ``hf-attn-swap eval`` and ``recipes/eval_ppl_speed.py``.
 * :mod:`.notes` - ratios vs the baseline and the caveats that keep them honest.
 * :mod:`.report` - results.json / .csv / .md and the Pareto plot.
 """
 
-from .compare import EvalConfig, load_config, run_comparison
-from .memory import KVBytes, PeakMemory, analytic_kv_bytes, kv_bytes_report, measure_kv_bytes
-from .passkey import PasskeyResult, passkey_accuracy
-from .perplexity import PerplexityResult, perplexity, perplexity_of_text
-from .speed import Timing, decode_throughput, environment, num_threads, prefill_latency
+import sys
+import types
+
+# Submodules load on first use (PEP 562): ``hf_attn_swap.eval.config`` must import without torch, so that
+# ``hf-attn-swap eval --help`` answers in well under a second.
+_EXPORTS = {
+    "EvalConfig": "config",
+    "load_config": "config",
+    "run_comparison": "compare",
+    "KVBytes": "memory",
+    "PeakMemory": "memory",
+    "analytic_kv_bytes": "memory",
+    "kv_bytes_report": "memory",
+    "measure_kv_bytes": "memory",
+    "PasskeyResult": "passkey",
+    "passkey_accuracy": "passkey",
+    "PerplexityResult": "perplexity",
+    "perplexity": "perplexity",
+    "perplexity_of_text": "perplexity",
+    "Timing": "speed",
+    "decode_throughput": "speed",
+    "environment": "speed",
+    "num_threads": "speed",
+    "prefill_latency": "speed",
+}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+
+        value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+class _Package(types.ModuleType):
+    # The import system binds every loaded submodule on its package; ``perplexity`` is both a submodule and the
+    # function this package exports, and the function must win (as it did when this package imported eagerly).
+    def __setattr__(self, name: str, value: object) -> None:
+        if name == "perplexity" and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
 
 __all__ = [
     "EvalConfig",

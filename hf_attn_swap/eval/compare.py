@@ -2,355 +2,42 @@
 what do I gain?": perplexity, prefill and decode speed, KV-cache bytes, peak memory and passkey retrieval, each
 against the unconverted baseline, with notes wherever a ratio cannot mean a speed-up.
 
-Used by ``hf-attn-swap eval`` and ``recipes/eval_ppl_speed.py``::
+Used by ``hf-attn-swap eval`` and ``recipes/eval_ppl_speed.py``; the config (:class:`EvalConfig`) lives in the
+torch-free :mod:`hf_attn_swap.eval.config` and is re-exported here::
 
     cfg = load_config("recipes/configs/eval_default.yaml", ["perplexity.max_tokens=2048"])
     records = run_comparison(cfg)          # also writes results.json/.csv/.md and pareto.png into cfg.out
 
 Every variant is applied to a fresh deep copy of the baseline, so variants never stack. A variant that is not
-registered, or that fails to apply or to run, becomes a record with ``status`` ``"skipped"`` or ``"error"`` and the
-reason (or, with ``missing="error"``, an unregistered name stops the run before anything is loaded).
+registered stops the run before anything is loaded (``missing="skip"`` records it and goes on instead); one that
+fails to apply or to run becomes a record with ``status`` ``"error"`` and the reason.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import gc
 import logging
-import shlex
-import sys
 import time
-from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .config import (  # noqa: F401 - re-exported: the config used to live here
+    BASELINE,
+    DEFAULT_VARIANTS,
+    CalibrationSection,
+    ConfigError,
+    EvalConfig,
+    PasskeySection,
+    PerplexitySection,
+    SpeedSection,
+    apply_overrides,
+    load_config,
+)
+
 logger = logging.getLogger(__name__)
-
-BASELINE = "baseline"
-
-DEFAULT_VARIANTS: list[str] = [
-    "baseline",
-    "mqa:strategy=mean",
-    "mqa:strategy=first",
-    "mqa:strategy=random",
-    "mqa:strategy=fit",
-    "sliding_window:window=256",
-    "linear",
-    "linear:feature_map=hedgehog,window=64",
-    "flash",
-]
-
-
-class ConfigError(ValueError):
-    """A recipe config is invalid (unknown key, wrong type, impossible value)."""
-
-
-def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where or 'config'} must be a mapping, got {type(data).__name__}")
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        raise ConfigError(
-            f"unknown key(s) {', '.join(repr((where + '.' if where else '') + k) for k in unknown)}; "
-            f"allowed in {where or 'the top level'}: {', '.join(known)}"
-        )
-    kwargs = {}
-    for name, value in data.items():
-        sub = _SECTIONS.get(name) if not where else None
-        kwargs[name] = _from_dict(sub, value or {}, name) if sub is not None else value
-    return cls(**kwargs)
-
-
-def _check_int_list(name: str, value: Any, lo: int = 1) -> list[int]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = [value]
-    if not isinstance(value, (list, tuple)) or not value or any(isinstance(v, bool) or not isinstance(v, int) or v < lo for v in value):
-        raise ConfigError(f"{name} must be a non-empty list of integers >= {lo}, got {value!r}")
-    return [int(v) for v in value]
-
-
-def _check_int(name: str, value: Any, lo: int, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        raise ConfigError(f"{name} must be an integer >= {lo}{' or null' if allow_none else ''}, got {value!r}")
-
-
-@dataclass
-class PerplexitySection:
-    """Perplexity: strided windows over the first ``max_tokens`` tokens of ``corpus``'s ``split``.
-
-    Attributes:
-        corpus: a corpus name of :mod:`hf_attn_swap.data` (``shakespeare``, ``kjv``, ``sotu``, ``wikitext-2`` where
-            the Hub is reachable) or a local ``.txt`` file / directory.
-        split: ``validation`` (default), ``train`` or ``all``.
-        max_tokens: tokens evaluated (null = the whole split).
-        context: window length.
-        stride: new tokens scored per window (null = context: consecutive windows share one token).
-        batch_size: windows per forward.
-    """
-
-    corpus: str = "shakespeare"
-    split: str = "validation"
-    max_tokens: int | None = 4096
-    context: int = 512
-    stride: int | None = None
-    batch_size: int = 4
-
-    def __post_init__(self) -> None:
-        if self.split not in ("train", "validation", "all"):
-            raise ConfigError(f"perplexity.split must be train, validation or all, got {self.split!r}")
-        _check_int("perplexity.max_tokens", self.max_tokens, 2, allow_none=True)
-        _check_int("perplexity.context", self.context, 2)
-        _check_int("perplexity.stride", self.stride, 1, allow_none=True)
-        _check_int("perplexity.batch_size", self.batch_size, 1)
-        if self.stride is not None and self.stride > self.context:
-            raise ConfigError(f"perplexity.stride ({self.stride}) must be <= perplexity.context ({self.context})")
-
-
-@dataclass
-class CalibrationSection:
-    """Calibration input ids for conversions that need them (``strategy=fit``): the TRAIN split, never the
-    evaluation split.
-
-    Attributes:
-        corpus: null = the perplexity corpus.
-        split: default ``train``.
-        tokens: calibration tokens (cut into rows of ``block`` tokens).
-        block: row length.
-    """
-
-    corpus: str | None = None
-    split: str = "train"
-    tokens: int = 2048
-    block: int = 512
-
-    def __post_init__(self) -> None:
-        _check_int("calibration.tokens", self.tokens, 1)
-        _check_int("calibration.block", self.block, 1)
-        if self.tokens < self.block:
-            raise ConfigError(f"calibration.tokens ({self.tokens}) must be at least one block ({self.block})")
-
-
-@dataclass
-class SpeedSection:
-    """Speed and memory (see :mod:`hf_attn_swap.eval.speed`).
-
-    Attributes:
-        threads: torch threads while timing (1 = stable ratios on a small shared CPU; null = leave as is).
-        prefill_lengths: prompt lengths timed for prefill.
-        prefill_batch: prompts per prefill.
-        decode_contexts: cache lengths when decode timing starts.
-        decode_batch_sizes: sequences decoded together.
-        decode_steps: timed single-token steps per cell.
-        warmup: untimed prefill calls per length; decode uses ``max(2, warmup)`` untimed steps.
-        repeats: timed prefill calls per length.
-        kv_tokens: tokens in the cache when KV bytes are measured (null = the longest decode context).
-        interleave: time all variants round-robin after the quality phase (robust to load changes on a shared
-            machine; keeps every converted model in memory). False: time each variant right after its quality phase
-            and free it (less memory, ratios exposed to load drift).
-    """
-
-    threads: int | None = 1
-    prefill_lengths: list[int] = field(default_factory=lambda: [128, 512])
-    prefill_batch: int = 1
-    decode_contexts: list[int] = field(default_factory=lambda: [128, 1024])
-    decode_batch_sizes: list[int] = field(default_factory=lambda: [1, 4])
-    decode_steps: int = 12
-    warmup: int = 1
-    repeats: int = 3
-    kv_tokens: int | None = None
-    interleave: bool = True
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.interleave, bool):
-            raise ConfigError(f"speed.interleave must be true or false, got {self.interleave!r}")
-        _check_int("speed.threads", self.threads, 1, allow_none=True)
-        self.prefill_lengths = _check_int_list("speed.prefill_lengths", self.prefill_lengths)
-        self.decode_contexts = _check_int_list("speed.decode_contexts", self.decode_contexts)
-        self.decode_batch_sizes = _check_int_list("speed.decode_batch_sizes", self.decode_batch_sizes)
-        _check_int("speed.prefill_batch", self.prefill_batch, 1)
-        _check_int("speed.decode_steps", self.decode_steps, 1)
-        _check_int("speed.warmup", self.warmup, 0)
-        _check_int("speed.repeats", self.repeats, 1)
-        _check_int("speed.kv_tokens", self.kv_tokens, 1, allow_none=True)
-
-
-@dataclass
-class PasskeySection:
-    """Passkey retrieval (see :mod:`hf_attn_swap.eval.passkey`).
-
-    Attributes:
-        enabled: run the probe.
-        lengths: prompt lengths in tokens.
-        depths: needle depths in [0, 1].
-        trials: pass keys per cell.
-        format: ``plain`` or ``chat``.
-        max_new_tokens: tokens decoded per answer.
-        batch_size: prompts per forward.
-    """
-
-    enabled: bool = True
-    lengths: list[int] = field(default_factory=lambda: [256, 1024])
-    depths: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0])
-    trials: int = 1
-    format: str = "plain"
-    max_new_tokens: int = 7
-    batch_size: int = 3
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.enabled, bool):
-            raise ConfigError(f"passkey.enabled must be true or false, got {self.enabled!r}")
-        self.lengths = _check_int_list("passkey.lengths", self.lengths, lo=16)
-        depths = self.depths if isinstance(self.depths, (list, tuple)) else [self.depths]
-        if not depths or any(isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 <= d <= 1 for d in depths):
-            raise ConfigError(f"passkey.depths must be a non-empty list of numbers in [0, 1], got {self.depths!r}")
-        self.depths = [float(d) for d in depths]
-        _check_int("passkey.trials", self.trials, 1)
-        _check_int("passkey.max_new_tokens", self.max_new_tokens, 1)
-        _check_int("passkey.batch_size", self.batch_size, 1)
-        from .passkey import FORMATS
-
-        if self.format not in FORMATS:
-            raise ConfigError(f"passkey.format must be one of {', '.join(FORMATS)}, got {self.format!r}")
-
-
-_SECTIONS: dict[str, type] = {
-    "perplexity": PerplexitySection,
-    "calibration": CalibrationSection,
-    "speed": SpeedSection,
-    "passkey": PasskeySection,
-}
-
-
-@dataclass
-class EvalConfig:
-    """Everything one comparison run needs; built from YAML (:func:`load_config`) or directly.
-
-    Attributes:
-        model: a short name of :mod:`hf_attn_swap.zoo` (``smollm2-135m``) or a local model directory.
-        variants: variant specs, ``"name:key=value,..."`` each (a single comma-separated string is parsed with
-            :func:`hf_attn_swap.specs.parse_variant_list`). ``baseline`` (the unconverted model) is added first if
-            missing: every ratio is against it.
-        out: output directory.
-        dtype: ``float32``, ``bfloat16`` or ``float16``.
-        device: ``cpu``, ``cuda``, ``cuda:0``...
-        eval_threads: torch threads for perplexity, passkey and calibration (default 1: on a small shared CPU one
-            thread contends least; null = torch's default).
-        missing: what to do with a variant that is not registered: ``skip`` (record the reason) or ``error``.
-        progress: progress bars.
-        plot: write ``pareto.png`` (needs matplotlib).
-        seed: global torch seed (conversions with randomness have their own ``seed`` option).
-    """
-
-    model: str = "smollm2-135m"
-    variants: Any = field(default_factory=lambda: list(DEFAULT_VARIANTS))
-    out: str = "results/eval_default"
-    dtype: str = "float32"
-    device: str = "cpu"
-    eval_threads: int | None = 1
-    missing: str = "skip"
-    progress: bool = False
-    plot: bool = True
-    seed: int = 0
-    perplexity: PerplexitySection = field(default_factory=PerplexitySection)
-    calibration: CalibrationSection = field(default_factory=CalibrationSection)
-    speed: SpeedSection = field(default_factory=SpeedSection)
-    passkey: PasskeySection = field(default_factory=PasskeySection)
-
-    def __post_init__(self) -> None:
-        for name, cls in _SECTIONS.items():
-            value = getattr(self, name)
-            if isinstance(value, dict):
-                setattr(self, name, _from_dict(cls, value, name))
-            elif not isinstance(value, cls):
-                raise ConfigError(f"{name} must be a mapping, got {type(value).__name__}")
-        if not isinstance(self.model, str) or not self.model:
-            raise ConfigError(f"model must be a short name or a path, got {self.model!r}")
-        if self.dtype not in _DTYPES:
-            raise ConfigError(f"dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
-        if self.missing not in ("skip", "error"):
-            raise ConfigError(f"missing must be 'skip' or 'error', got {self.missing!r}")
-        _check_int("eval_threads", self.eval_threads, 1, allow_none=True)
-        self.variants = [f"{n}:{','.join(f'{k}={v}' for k, v in o.items())}" if o else n for n, o in self.variant_specs()]
-
-    def variant_specs(self) -> list[tuple[str, dict[str, Any]]]:
-        """``[(name, options), ...]`` with ``baseline`` first."""
-        from ..specs import parse_variant_list
-
-        items = self.variants
-        if isinstance(items, str):
-            specs = parse_variant_list(items)
-        elif isinstance(items, (list, tuple)) and items and all(isinstance(v, str) for v in items):
-            specs = [s for v in items for s in parse_variant_list(v)]
-        else:
-            raise ConfigError(f"variants must be a non-empty list of strings like 'gqa:groups=1', got {items!r}")
-        specs = [(n, o) for n, o in specs if n != BASELINE] if any(n == BASELINE for n, _ in specs) else specs
-        return [(BASELINE, {})] + specs
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> EvalConfig:
-        """Build and validate; unknown keys raise :class:`ConfigError` naming the allowed ones."""
-        return _from_dict(cls, dict(data), "")
-
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply dotted ``key=value`` overrides (``speed.threads=2``, ``passkey.lengths=[256,512]``) to a config dict.
-
-    Values are parsed as YAML (``[1, 2]`` is a list, ``null`` is None, ``2`` an int); ``variants`` also accepts the
-    command-line list syntax ``baseline,gqa:groups=1,sliding_window:window=256``.
-    """
-    import yaml
-
-    out = copy.deepcopy(data)
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not key=value (e.g. speed.threads=2)")
-        key, raw = item.split("=", 1)
-        key = key.strip()
-        value = raw if key == "variants" else yaml.safe_load(raw)
-        node = out
-        parts = key.split(".")
-        for p in parts[:-1]:
-            if p not in _SECTIONS:
-                raise ConfigError(f"override {key!r}: {p!r} is not a section; sections: {', '.join(_SECTIONS)}")
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {key!r}: {p!r} is not a mapping in the config")
-        node[parts[-1]] = value
-    return out
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> EvalConfig:
-    """Read a YAML config (None = all defaults), apply dotted overrides, validate.
-
-    Raises:
-        ConfigError: unknown keys, invalid values, unreadable YAML.
-        FileNotFoundError: ``path`` does not exist.
-    """
-    import yaml
-
-    data: dict[str, Any] = {}
-    if path is not None:
-        text = Path(path).read_text()
-        try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of config keys")
-    return EvalConfig.from_dict(apply_overrides(data, overrides or []))
-
 
 # --------------------------------------------------------------------------------------------------------------------
 # the run
@@ -381,7 +68,6 @@ def check_variants(cfg: EvalConfig) -> dict[str, str]:
             reason = f"variant {name!r} is not registered (registered: {', '.join(known)})"
             if cfg.missing == "error":
                 raise ValueError(reason + "; use missing=skip to record it and go on")
-            logger.warning("%s: skipping it", reason)
             skip[spec] = reason
             continue
         get_variant(name).config_cls.from_dict(opts)  # unknown / invalid options fail here, before the long run
@@ -409,7 +95,7 @@ def _check_lengths(cfg: EvalConfig, model: torch.nn.Module) -> None:
 def _load(cfg: EvalConfig):
     from ..zoo import load_model
 
-    model, tok = load_model(cfg.model, dtype=_DTYPES[cfg.dtype])
+    model, tok = load_model(cfg.model, dtype=getattr(torch, cfg.dtype))
     return model.to(cfg.device).eval(), tok
 
 
@@ -419,6 +105,7 @@ def run_comparison(
     model: torch.nn.Module | None = None,
     tokenizer: Any = None,
     write: bool = True,
+    overwrite: bool = False,
 ) -> list[dict[str, Any]]:
     """Evaluate the baseline and every variant of ``cfg``; write the reports into ``cfg.out``.
 
@@ -427,18 +114,27 @@ def run_comparison(
         model: an already loaded baseline (else ``cfg.model`` is loaded); it is never modified.
         tokenizer: its tokenizer (needed with ``model``).
         write: write ``results.json``, ``results.csv``, ``results.md``, ``pareto.png`` and ``run.json``.
+        overwrite: write them into a non-empty ``cfg.out`` that holds no previous comparison (its files are left
+            alone); checked before anything is loaded.
 
     Returns:
         One record per variant (baseline first); see :mod:`hf_attn_swap.eval.report` for the fields.
 
     Raises:
-        ValueError: invalid variants/options (before loading), an empty corpus, lengths beyond the model's context.
+        ValueError: invalid variants/options or an ``cfg.out`` it may not write (both before loading), an empty
+            corpus, lengths beyond the model's context.
     """
     from ..data import load_text, tokenize
     from .speed import environment, num_threads
 
     t_start = time.perf_counter()
+    if write:
+        from ..outputs import EVAL_KIND, check_output_dir
+
+        check_output_dir(cfg.out, overwrite=overwrite or cfg.overwrite, kind=EVAL_KIND)
     skip = check_variants(cfg)
+    for reason in skip.values():
+        logger.warning("%s: skipping it (missing=skip)", reason)
     torch.manual_seed(cfg.seed)
     if model is None:
         model, tokenizer = _load(cfg)
@@ -511,15 +207,19 @@ def run_comparison(
     runtime = time.perf_counter() - t_start
     with num_threads(cfg.speed.threads):
         env = environment(model)
+    from ..provenance import command_line, provenance
+
     meta = {
         # the command line that produced these figures (shown at the top of results.md)
-        "command": " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "command": command_line(),
         "config": cfg.to_dict(),
         "runtime_s": round(runtime, 1),
         "environment": env,
         "eval_tokens": int(ids.numel()),
         "eval_tokens_total": int(ids.numel()) * sum(r["status"] == "ok" for r in records),
         "registered_variants": _registered(),
+        # code revision, versions, machine, exact weights and text of this run
+        "provenance": provenance(models=[model], corpora=[p.corpus, cfg.calibration.corpus or p.corpus]),
     }
     from .perplexity import NORMALISATION
 

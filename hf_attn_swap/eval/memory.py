@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..hf_compat import output_cache
+from ..hf_compat import cache_layers, layer_types_and_kwargs, output_cache
 
 
 @dataclass
@@ -79,8 +79,8 @@ def measure_kv_bytes(cache: Any) -> KVBytes:
     Raises:
         TypeError: not a cache object.
     """
-    if hasattr(cache, "layers"):
-        layers = list(cache.layers)
+    if cache_layers(cache) is not None:
+        layers = list(cache_layers(cache))
     elif isinstance(cache, (list, tuple)):
         layers = list(cache)
     else:
@@ -226,11 +226,9 @@ def full_kv_bytes(model: nn.Module, n: int, *, batch: int = 1, dtype: torch.dtyp
 def _layer_types(model: nn.Module, n_layers: int) -> tuple[list[str], list[dict]]:
     cfg = model.config
     try:
-        from transformers.cache_utils import get_layer_types_and_kwargs
-
-        types, kwargs = get_layer_types_and_kwargs(cfg.get_text_config(decoder=True))
+        types, kwargs = layer_types_and_kwargs(cfg)
         if len(types) == n_layers:
-            return list(types), list(kwargs)
+            return types, kwargs
     except Exception:  # noqa: BLE001 - older transformers or odd configs: fall back to the config fields
         pass
     window = getattr(cfg, "sliding_window", None)

@@ -28,6 +28,8 @@ import torch
 from torch import nn
 
 from ..hf_compat import cache_kwarg, output_cache
+from ..progress import progress as progress_bar
+from .config import PASSKEY_FORMATS
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +41,7 @@ FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. Th
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
 QUESTION_PLAIN = "\n\nWhat is the pass key? The pass key is"
 QUESTION_CHAT = "\n\nWhat is the pass key? Answer with the number only."
-FORMATS = ("plain", "chat")
+FORMATS = PASSKEY_FORMATS  # ("plain", "chat"), declared with the torch-free eval config
 
 
 @dataclass
@@ -168,7 +170,7 @@ def passkey_accuracy(
         max_new_tokens: tokens decoded per answer (a 5-digit key plus a leading space fits in 7 for SmolLM2).
         batch_size: prompts per forward (all prompts of one length have the same length).
         seed: seed of the pass keys.
-        progress: tqdm bar over lengths.
+        progress: show a progress bar over the probes for this call (else :func:`hf_attn_swap.progress.enable`).
 
     Returns:
         A :class:`PasskeyResult`.
@@ -191,13 +193,9 @@ def passkey_accuracy(
     model.eval()
     keys = make_keys(trials, seed)
     cells = []
-    it = lengths
-    if progress:
-        from tqdm.auto import tqdm
-
-        it = tqdm(lengths, desc="passkey", unit="length")
+    bar = progress_bar(desc="passkey", total=len(lengths) * len(depths) * len(keys), unit="probe", force=progress)
     try:
-        for n in it:
+        for n in lengths:
             jobs = [(d, k) for d in depths for k in keys]
             prompts = [build_prompt(tokenizer, int(n), float(d), k, format=format) for d, k in jobs]
             answers: list[str] = []
@@ -205,6 +203,7 @@ def passkey_accuracy(
                 x = torch.tensor(prompts[i : i + batch_size], dtype=torch.long, device=device)
                 new = greedy_decode(model, x, max_new_tokens)
                 answers += tokenizer.batch_decode(new, skip_special_tokens=True)
+                bar.update(len(new))
             for d in depths:
                 got = [(a, k) for (dd, k), a in zip(jobs, answers) if dd == d]
                 hits = [score_answer(a, k) for a, k in got]
@@ -216,6 +215,7 @@ def passkey_accuracy(
                     "answers": [a.strip() for a, _ in got],
                 })
     finally:
+        bar.close()
         model.train(was_training)
     total = sum(c["accuracy"] * c["trials"] for c in cells) / sum(c["trials"] for c in cells)
     return PasskeyResult(accuracy=total, cells=cells, format=format)

@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..progress import progress as progress_bar
+
 logger = logging.getLogger(__name__)
 
 NORMALISATION = (
@@ -141,6 +143,12 @@ def perplexity(
     Works for any model that maps ``input_ids (b, L)`` to ``.logits (b, L, V)`` causally, whatever attention it was
     swapped to. Deterministic (no sampling, no dropout: the model is put in eval mode and restored afterwards).
 
+    Threads: this is CPU-bound matrix work and torch's default thread count (one per core) can be far slower on a
+    busy or small machine than one thread, because the threads wait for each other while other processes hold the
+    cores (on a shared 2-core box a ``fit`` conversion took 262-421 s with the default against about 33 s with one
+    thread). Call ``torch.set_num_threads(1)`` (or set ``OMP_NUM_THREADS=1`` before starting Python) there; the result
+    does not change, only the time. This function leaves the thread count as it finds it.
+
     Args:
         model: a causal LM.
         input_ids: 1-D LongTensor of the whole evaluation text (no special tokens needed).
@@ -149,7 +157,8 @@ def perplexity(
             see :func:`windows`).
         batch_size: windows per forward pass (windows of equal length are batched; the shorter last one alone).
         text: the text ``input_ids`` encode; enables ``bits_per_byte`` and ``word_ppl``.
-        progress: show a tqdm progress bar.
+        progress: show a progress bar for this call (per batch of windows, with time left); without it the bar
+            follows :func:`hf_attn_swap.progress.enable` / ``HF_ATTN_SWAP_PROGRESS``.
 
     Returns:
         A :class:`PerplexityResult`.
@@ -192,11 +201,8 @@ def perplexity(
     model.eval()
     nll_sum = 0.0
     n_scored = 0
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(wins), desc=f"perplexity (context {context}, stride {stride})", unit="win")
+    bar = progress_bar(desc=f"perplexity (context {context}, stride {stride})", total=len(wins), unit="window",
+                       force=progress)
     try:
         for batch in batches:
             x = torch.stack([ids[b:e] for b, e, _ in batch])
@@ -213,11 +219,9 @@ def perplexity(
                 tgt = x[row, L - s :]
                 nll_sum += float(F.cross_entropy(lg, tgt, reduction="sum"))
                 n_scored += s
-            if bar is not None:
-                bar.update(len(batch))
+            bar.update(len(batch))
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
         model.train(was_training)
     assert n_scored == n - 1, (n_scored, n)  # every token after the first, once
 

@@ -1,4 +1,4 @@
-"""Reports of a comparison: ``results.json`` (list of records), ``run.json`` (config, environment, runtime),
+"""Reports of a comparison: ``results.json`` (list of records), ``run.json`` (config, environment, runtime, provenance),
 ``results.csv`` (one flat row per variant), ``results.md`` (tables + notes) and ``pareto.png`` (perplexity against
 decode tokens/s, marker area proportional to KV bytes).
 
@@ -18,6 +18,8 @@ import logging
 import math
 from pathlib import Path
 from typing import Any
+
+from .plot import pareto_front, plot_pareto  # noqa: F401 - part of this module's API since the start
 
 logger = logging.getLogger(__name__)
 
@@ -205,6 +207,7 @@ def markdown(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         for n in r.get("notes") or []:
             lines.append(f"- **{r['variant']}**: {n}")
     lines.append("")
+    lines += provenance_lines(meta.get("provenance"))
     lines += [
         "## Environment",
         "",
@@ -216,57 +219,26 @@ def markdown(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def pareto_front(points: list[tuple[float, float]]) -> list[int]:
-    """Indices of points not dominated (higher x = faster is better, lower y = perplexity is better), by x."""
-    idx = sorted(range(len(points)), key=lambda i: (-points[i][0], points[i][1]))
-    front, best_y = [], math.inf
-    for i in idx:
-        if points[i][1] < best_y:
-            front.append(i)
-            best_y = points[i][1]
-    return sorted(front, key=lambda i: points[i][0])
+def provenance_lines(prov: dict[str, Any] | None) -> list[str]:
+    """A short "Provenance" section (code revision, weights, text) from :func:`hf_attn_swap.provenance.provenance`;
+    the full record is in the JSON."""
+    if not prov:
+        return []
+    from ..provenance import weights_summary
 
-
-def plot_pareto(records: list[dict[str, Any]], path: Path, title: str = "") -> bool:
-    """Perplexity vs decode tokens/s, marker area proportional to KV bytes; returns False without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        logger.warning("matplotlib is not installed: no %s (pip install matplotlib)", path.name)
-        return False
-    ok = [r for r in records if r.get("status") == "ok" and r.get("decode_tokens_per_s") and r.get("perplexity")]
-    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=110)
-    if ok:
-        xs = [r["decode_tokens_per_s"] for r in ok]
-        ys = [r["perplexity"] for r in ok]
-        kv = [r.get("kv_bytes") or 0 for r in ok]
-        kmax = max(kv) or 1
-        sizes = [40 + 900 * k / kmax for k in kv]
-        ax.scatter(xs, ys, s=sizes, alpha=0.5, c=range(len(ok)), cmap="tab10", edgecolors="k")
-        for i, (r, x, y) in enumerate(zip(ok, xs, ys)):  # alternate label sides: close points stay readable
-            ax.annotate(r["variant"], (x, y), textcoords="offset points", xytext=(8, 6 if i % 2 == 0 else -12),
-                        fontsize=8)
-        front = pareto_front(list(zip(xs, ys)))
-        if len(front) > 1:
-            ax.plot([xs[i] for i in front], [ys[i] for i in front], "k--", lw=0.8, label="Pareto front")
-            ax.legend(loc="best", fontsize=8)
-        if max(ys) / max(min(ys), 1e-9) > 20:
-            ax.set_yscale("log")
-        r0 = ok[0]
-        ax.set_xlabel(f"decode tokens/s (context {r0.get('decode_context')}, batch {r0.get('decode_batch')}, "
-                      f"{r0.get('env', {}).get('threads')} thread(s)) →")
-        ax.set_ylabel("perplexity (token-level) ↓")
-        ax.text(0.99, 0.01, f"marker area ∝ KV bytes @ {r0.get('kv_tokens')} tokens", transform=ax.transAxes,
-                ha="right", va="bottom", fontsize=7, color="0.3")
-    ax.set_title(title or "perplexity vs decode speed", fontsize=10)
-    ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return True
+    git = prov.get("git") or {}
+    code = (f"git {git['commit'][:12]}{' with uncommitted changes' if git.get('dirty') else ''}"
+            if git.get("commit") else f"not a git checkout ({git.get('reason')})")
+    versions = prov.get("versions") or {}
+    lines = ["## Provenance", "",
+             f"- Code: hf_attn_swap {versions.get('hf-attn-swap')}, {code}; run {prov.get('date_utc')} on "
+             f"{prov.get('cpu')} ({prov.get('cpu_count')} CPUs, load average {prov.get('load_average')})."]
+    lines += [f"- Weights: {weights_summary(m)}." for m in prov.get("models") or []]
+    for c in prov.get("corpora") or []:
+        where = c.get("package") or c.get("path")
+        digest = f"{c.get('n_files')} file(s), sha256 {c['sha256'][:12]}" if c.get("sha256") else c.get("reason")
+        lines.append(f"- Text `{c.get('name', where)}`: {where}, {digest}.")
+    return lines + [""]
 
 
 def write_reports(records: list[dict[str, Any]], meta: dict[str, Any], out: str | Path, *, plot: bool = True) -> dict[str, Path]:
@@ -276,7 +248,9 @@ def write_reports(records: list[dict[str, Any]], meta: dict[str, Any], out: str 
     paths = {"json": out / "results.json", "csv": out / "results.csv", "md": out / "results.md", "run": out / "run.json"}
     write_json(records, paths["json"])
     write_csv(records, paths["csv"])
-    paths["md"].write_text(markdown(records, meta))
+    # marked as generated from run.json (+ results.json): python -m hf_attn_swap.readme --check re-renders it
+    paths["md"].write_text(f"<!-- generated: run.json eval_report -->\n{markdown(records, meta).rstrip()}\n"
+                           "<!-- end generated -->\n")
     paths["run"].write_text(json.dumps(_clean(meta), indent=2, default=_json_default) + "\n")
     if plot:
         png = out / "pareto.png"
@@ -287,4 +261,4 @@ def write_reports(records: list[dict[str, Any]], meta: dict[str, Any], out: str 
     return paths
 
 
-__all__ = ["CSV_FIELDS", "flat_row", "markdown", "pareto_front", "plot_pareto", "write_reports"]
+__all__ = ["CSV_FIELDS", "flat_row", "markdown", "pareto_front", "plot_pareto", "provenance_lines", "write_reports"]

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ..hf_compat import cache_kwarg, output_cache
+from ..progress import progress as progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -228,6 +229,11 @@ def compare_speed(
 
     for m in models.values():
         m.eval()
+    # One unit = one round over every model: a warm-up, a timed repeat or step, or the untimed prefill of a decode cell.
+    # Closed at the end only: guard() turns a model's failure into a record, so nothing below is expected to raise.
+    cells = len(decode_contexts) * len(decode_batch_sizes)
+    bar = progress_bar(desc=f"timing {len(names)} model(s) round-robin", unit="round",
+                       total=len(prefill_lengths) * (warmup + repeats) + cells * (1 + decode_warmup + steps))
     for n_tok in prefill_lengths:
         ids = _ids(first, prefill_batch, int(n_tok), input_ids)
         samples: dict[str, list[float]] = {n: [] for n in names}
@@ -235,6 +241,7 @@ def compare_speed(
             model = models[name]
             for _ in range(warmup):
                 guard(name, lambda: model(input_ids=ids, use_cache=True, logits_to_keep=1))
+        bar.update(warmup)
         gc.collect()
         for r in range(repeats):
             for name in alive(_rotation(names, r)):
@@ -242,6 +249,7 @@ def compare_speed(
                 t = guard(name, lambda: _timed(lambda: model(input_ids=ids, use_cache=True, logits_to_keep=1), device))
                 if t is not None:
                     samples[name].append(t)
+            bar.update(1)
         for name in alive(names):
             t = Timing.of(samples[name])
             results[name]["prefill"].append({"length": int(n_tok), "batch": prefill_batch, **t.to_dict(),
@@ -258,6 +266,7 @@ def compare_speed(
                 if got is not None:
                     state[name] = list(got)
                     kv[name] = measure_kv_bytes(got[0])  # the cache decode starts from: measured for free
+            bar.update(1)
 
             def step(name: str) -> None:
                 cache, nxt = state[name]
@@ -267,6 +276,7 @@ def compare_speed(
             for name in alive(names):
                 for _ in range(decode_warmup):
                     guard(name, lambda: step(name))
+            bar.update(decode_warmup)
             gc.collect()
             samples = {n: [] for n in names}
             for i in range(steps):
@@ -274,6 +284,7 @@ def compare_speed(
                     t = guard(name, lambda: _timed(lambda: step(name), device))
                     if t is not None:
                         samples[name].append(t)
+                bar.update(1)
             for name in alive(names):
                 t = Timing.of(samples[name])
                 k = kv[name]
@@ -291,6 +302,7 @@ def compare_speed(
                 })
             state.clear()  # free the caches before the next cell
             gc.collect()
+    bar.close()
     return results, errors
 
 

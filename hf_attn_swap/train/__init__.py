@@ -5,11 +5,46 @@ Public API::
     from hf_attn_swap.train import UptrainConfig, uptrain, layerwise_transfer, UptrainTrainer, select_trainable
 """
 
-from .config import LAYERWISE_TRAINABLE, PRETRAIN_TOKENS, TRAINABLE, UptrainConfig
-from .layerwise import LayerStat, LayerwiseResult, layerwise_transfer
-from .objectives import attention_mse, capture_attention_outputs, check_teacher, distill_kl, lm_loss
-from .pipeline import UptrainResult, log_gap_recovery, train_end_to_end, uptrain
-from .trainer import BlockDataset, StopAfterSeconds, UptrainTrainer, select_trainable, trainable_names
+# Submodules load on first use (PEP 562): ``hf_attn_swap.train.config`` must import without torch, so that
+# ``hf-attn-swap uptrain --help`` answers in well under a second.
+_EXPORTS = {
+    "LAYERWISE_TRAINABLE": "config",
+    "PRETRAIN_TOKENS": "config",
+    "TRAINABLE": "config",
+    "UptrainConfig": "config",
+    "LayerStat": "layerwise",
+    "LayerwiseResult": "layerwise",
+    "layerwise_transfer": "layerwise",
+    "attention_mse": "objectives",
+    "capture_attention_outputs": "objectives",
+    "check_teacher": "objectives",
+    "distill_kl": "objectives",
+    "lm_loss": "objectives",
+    "UptrainResult": "pipeline",
+    "log_gap_recovery": "pipeline",
+    "train_end_to_end": "pipeline",
+    "uptrain": "pipeline",
+    "BlockDataset": "trainer",
+    "StopAfterSeconds": "trainer",
+    "UptrainTrainer": "trainer",
+    "select_trainable": "trainer",
+    "trainable_names": "trainer",
+}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+
+        value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
 
 __all__ = [
     "BlockDataset",

@@ -1,19 +1,20 @@
 """``UptrainConfig``: every option of an uptraining run, typed, validated, and saved as sorted JSON or YAML.
 
-Unknown keys are dropped with a warning when loading (so configs written by a newer version still load), and every
-value is checked in ``__post_init__`` with an error that names what is allowed, before anything is written.
+Built on :mod:`hf_attn_swap.cliconfig` like every other command's config: unknown keys are refused with the closest
+valid name (a misspelt ``kl_wieght: 2`` must not train on the defaults), ``key=value`` overrides are parsed by each
+field's type, and every value is checked in ``__post_init__`` with an error that names what is allowed, before
+anything is written. Importing this module does not import torch.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import logging
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-logger = logging.getLogger(__name__)
+from .. import cliconfig
+from ..cliconfig import ConfigError, check_fields, opt
 
 #: what end-to-end training may update.
 TRAINABLE = ("all", "attention", "kv", "feature_map", "lora")
@@ -25,10 +26,6 @@ PRETRAIN_TOKENS: dict[str, int] = {
 }
 
 
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
-
-
 @dataclass
 class UptrainConfig:
     """Options of :func:`hf_attn_swap.train.uptrain` and ``hf-attn-swap uptrain``.
@@ -38,102 +35,72 @@ class UptrainConfig:
     """
 
     # ---- what to train on
-    model: str = field(default="smollm2-135m", metadata=_help("short name or local directory of the original model"))
-    variant: str = field(default="mqa", metadata=_help("attention variant to convert to (see hf-attn-swap variants)"))
-    variant_options: dict[str, Any] = field(default_factory=lambda: {"strategy": "fit"},
-                                            metadata=_help("options of the variant, e.g. {strategy: fit}"))
-    plan: dict[str, Any] | None = field(default=None, metadata=_help(
+    model: str = opt("smollm2-135m", help="short name or local directory of the original model")
+    variant: str = opt("mqa", help="attention variant to convert to (see hf-attn-swap variants)")
+    variant_options: dict[str, Any] = opt(default_factory=lambda: {"strategy": "fit"},
+                                          help="options of the variant, e.g. {strategy: fit}")
+    plan: dict[str, Any] | None = opt(None, help=(
         "per-layer plan instead of variant: {layers: variant name or [name, {options}]}, e.g. "
         "{'0-14': [linear, {feature_map: hedgehog}], '15-': [sliding_window, {window: 64}]}"))
-    conversion_tokens: int = field(default=4096, metadata=_help("calibration tokens for conversions that calibrate"))
-    corpus: str = field(default="shakespeare", metadata=_help("training text: a corpus name, .txt file or directory"))
-    eval_corpus: str | None = field(default=None, metadata=_help("held-out text (default: validation split of corpus)"))
-    eval_windows: int = field(default=8, metadata=_help("held-out windows of eval_context tokens (0 = no evaluation)"))
-    eval_context: int = field(default=512, metadata=_help("tokens per held-out window"))
+    conversion_tokens: int = opt(4096, min=0, help="calibration tokens for conversions that calibrate")
+    corpus: str = opt("shakespeare", help="training text: a corpus name, .txt file or directory")
+    eval_corpus: str | None = opt(None, help="held-out text (default: validation split of corpus)")
+    eval_windows: int = opt(8, min=0, help="held-out windows of eval_context tokens (0 = no evaluation)")
+    eval_context: int = opt(512, min=1, help="tokens per held-out window")
 
     # ---- stage 1: per-layer attention-output matching
-    layerwise_tokens: int = field(default=16384, metadata=_help("calibration tokens for the per-layer stage (0 = skip)"))
-    layerwise_steps: int = field(default=100, metadata=_help("Adam steps per layer"))
-    layerwise_lr: float = field(default=1e-3, metadata=_help("peak learning rate of the per-layer stage"))
-    layerwise_trainable: str = field(default="attention", metadata=_help(f"one of {LAYERWISE_TRAINABLE}"))
-    layerwise_rows: int = field(default=4, metadata=_help("rows of block_size tokens per per-layer step"))
+    layerwise_tokens: int = opt(16384, min=0, help="calibration tokens for the per-layer stage (0 = skip)")
+    layerwise_steps: int = opt(100, min=1, help="Adam steps per layer")
+    layerwise_lr: float = opt(1e-3, gt=0, help="peak learning rate of the per-layer stage")
+    layerwise_trainable: str = opt("attention", choices=LAYERWISE_TRAINABLE, help="what the per-layer stage trains")
+    layerwise_rows: int = opt(4, min=1, help="rows of block_size tokens per per-layer step")
 
     # ---- stage 2: end-to-end
-    lm_weight: float = field(default=0.0, metadata=_help("weight of the language-model loss"))
-    kl_weight: float = field(default=1.0, metadata=_help("weight of the logit-distillation KL to the teacher"))
-    attn_weight: float = field(default=0.0, metadata=_help("weight of the per-layer attention-output MSE to the teacher"))
-    temperature: float = field(default=1.0, metadata=_help("softmax temperature of the distillation KL"))
-    trainable: str = field(default="attention", metadata=_help(f"one of {TRAINABLE}"))
-    lora_r: int = field(default=8, metadata=_help("LoRA rank (trainable=lora)"))
-    lora_alpha: float = field(default=16.0, metadata=_help("LoRA alpha (trainable=lora)"))
-    tokens: int | None = field(default=16384, metadata=_help("end-to-end budget in training tokens (0 = skip stage)"))
-    alpha: float | None = field(default=None, metadata=_help("budget as a fraction of the original pre-training tokens"))
-    pretrain_tokens: int | None = field(default=None, metadata=_help("pre-training tokens of the model (for alpha)"))
-    block_size: int = field(default=256, metadata=_help("tokens per training sequence"))
-    batch_size: int = field(default=4, metadata=_help("sequences per device per step"))
-    grad_accum: int = field(default=1, metadata=_help("gradient accumulation steps"))
-    lr: float = field(default=5e-5, metadata=_help("peak learning rate of the end-to-end stage"))
-    warmup_ratio: float = field(default=0.05, metadata=_help("linear warm-up share of the steps"))
-    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay"))
-    max_grad_norm: float = field(default=1.0, metadata=_help("gradient clipping"))
-    max_seconds: float | None = field(default=None, metadata=_help("stop the end-to-end stage after this wall time"))
+    lm_weight: float = opt(0.0, min=0, help="weight of the language-model loss")
+    kl_weight: float = opt(1.0, min=0, help="weight of the logit-distillation KL to the teacher")
+    attn_weight: float = opt(0.0, min=0, help="weight of the per-layer attention-output MSE to the teacher")
+    temperature: float = opt(1.0, gt=0, help="softmax temperature of the distillation KL")
+    trainable: str = opt("attention", choices=TRAINABLE, help="what the end-to-end stage trains")
+    lora_r: int = opt(8, min=1, help="LoRA rank (trainable=lora)")
+    lora_alpha: float = opt(16.0, gt=0, help="LoRA alpha (trainable=lora)")
+    tokens: int | None = opt(16384, min=0, help="end-to-end budget in training tokens (0 = skip stage)")
+    alpha: float | None = opt(None, gt=0, max=1, help="budget as a fraction of the original pre-training tokens")
+    pretrain_tokens: int | None = opt(None, min=1, help="pre-training tokens of the model (for alpha)")
+    block_size: int = opt(256, min=1, help="tokens per training sequence")
+    batch_size: int = opt(4, min=1, help="sequences per device per step")
+    grad_accum: int = opt(1, min=1, help="gradient accumulation steps")
+    lr: float = opt(5e-5, gt=0, help="peak learning rate of the end-to-end stage")
+    warmup_ratio: float = opt(0.05, min=0, help="linear warm-up share of the steps")
+    weight_decay: float = opt(0.0, min=0, help="AdamW weight decay")
+    max_grad_norm: float = opt(1.0, min=0, help="gradient clipping")
+    max_seconds: float | None = opt(None, gt=0, help="stop the end-to-end stage after this wall time")
 
     # ---- bookkeeping
-    output_dir: str = field(default="uptrain_out", metadata=_help("checkpoints and the final model go here"))
-    save_steps: int = field(default=50, metadata=_help("checkpoint every N optimizer steps"))
-    save_total_limit: int | None = field(default=2, metadata=_help("keep at most this many checkpoints"))
-    logging_steps: int = field(default=5, metadata=_help("log the loss every N steps"))
-    seed: int = field(default=0, metadata=_help("seed of data order and initialisation"))
-    threads: int | None = field(default=None, metadata=_help("torch CPU threads (None = torch's default)"))
-    progress: bool = field(default=True, metadata=_help("progress bars"))
+    output_dir: str = opt("uptrain_out", help="checkpoints and the final model go here")
+    overwrite: bool = opt(False, help="allow starting a new run in an output_dir that already holds one")
+    save_steps: int = opt(50, min=1, help="checkpoint every N optimizer steps")
+    save_total_limit: int | None = opt(2, min=1, help="keep at most this many checkpoints")
+    logging_steps: int = opt(5, min=1, help="log the loss every N steps")
+    seed: int = opt(0, help="seed of data order and initialisation")
+    threads: int | None = opt(1, min=1, help=(
+        "torch CPU threads (1: on a busy 2-core machine two threads stall on small matmuls; raise it on an idle or "
+        "larger machine; null = torch's default)"))
+    progress: bool = opt(True, help="progress bars")
 
     def __post_init__(self) -> None:
-        for f in fields(self):  # YAML 1.1 reads "1e-3" as a string: coerce numbers written that way
-            v = getattr(self, f.name)
-            if isinstance(v, str) and "float" in str(f.type):
-                try:
-                    setattr(self, f.name, float(v))
-                except ValueError:
-                    pass
-
-        def positive(name: str, allow_zero: bool = False) -> None:
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (v == 0 and not allow_zero):
-                raise ValueError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} number, got {v!r}")
-
-        for name in ("layerwise_steps", "layerwise_lr", "layerwise_rows", "temperature", "lora_r", "lora_alpha",
-                     "block_size", "batch_size", "grad_accum", "lr", "save_steps", "logging_steps", "eval_context"):
-            positive(name)
-        for name in ("conversion_tokens", "layerwise_tokens", "lm_weight", "kl_weight", "attn_weight", "weight_decay",
-                     "max_grad_norm", "warmup_ratio", "eval_windows"):
-            positive(name, allow_zero=True)
+        check_fields(self)  # types, choices and bounds declared on the fields above
         if self.warmup_ratio >= 1:
-            raise ValueError(f"warmup_ratio is a share of the steps in [0, 1), got {self.warmup_ratio!r}")
-        if self.trainable not in TRAINABLE:
-            raise ValueError(f"unknown trainable {self.trainable!r}; allowed: {', '.join(TRAINABLE)}")
-        if self.layerwise_trainable not in LAYERWISE_TRAINABLE:
-            raise ValueError(
-                f"unknown layerwise_trainable {self.layerwise_trainable!r}; allowed: {', '.join(LAYERWISE_TRAINABLE)}"
-            )
+            raise ConfigError(f"warmup_ratio is a share of the steps in [0, 1), got {self.warmup_ratio!r}")
         if self.tokens is not None and self.alpha is not None:
-            raise ValueError("give the budget either as tokens or as alpha, not both")
-        if self.tokens is not None:
-            positive("tokens", allow_zero=True)
-        if self.alpha is not None:
-            if not 0 < self.alpha <= 1:
-                raise ValueError(f"alpha must be a fraction in (0, 1] of the pre-training tokens, got {self.alpha!r}")
+            raise ConfigError("give the budget either as tokens or as alpha, not both")
         if self.tokens is None and self.alpha is None:
-            raise ValueError("give a budget: tokens (0 skips the end-to-end stage) or alpha")
+            raise ConfigError("give a budget: tokens (0 skips the end-to-end stage) or alpha")
         if not self.end_to_end and self.layerwise_tokens == 0:
-            raise ValueError("nothing to train: layerwise_tokens and the end-to-end budget (tokens/alpha) are both 0")
+            raise ConfigError("nothing to train: layerwise_tokens and the end-to-end budget (tokens/alpha) are both 0")
         if self.end_to_end and self.lm_weight + self.kl_weight + self.attn_weight == 0:
-            raise ValueError("all objective weights are 0: set lm_weight, kl_weight or attn_weight")
-        if not isinstance(self.variant_options, dict):
-            raise ValueError(f"variant_options must be a mapping, got {type(self.variant_options).__name__}")
-        if self.plan is not None and (not isinstance(self.plan, dict) or not self.plan):
-            raise ValueError("plan must be a non-empty mapping {layers: variant or [variant, {options}]}")
-        if self.max_seconds is not None:
-            positive("max_seconds")
+            raise ConfigError("all objective weights are 0: set lm_weight, kl_weight or attn_weight")
+        if self.plan is not None and not self.plan:
+            raise ConfigError("plan must be a non-empty mapping {layers: variant or [variant, {options}]}")
 
     def swap_spec(self) -> tuple[Any, dict[str, Any]]:
         """``(variant, options)`` as :func:`hf_attn_swap.swap_attention` takes them (a plan: options empty)."""
@@ -165,7 +132,7 @@ class UptrainConfig:
 
     # ---- serialisation
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return cliconfig.to_dict(self)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
@@ -177,49 +144,21 @@ class UptrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> UptrainConfig:
-        """Build from a dict; unknown keys are dropped with a warning naming the known ones."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            logger.warning("ignoring unknown uptrain option(s) %s; known: %s", unknown, ", ".join(sorted(known)))
-        return cls(**{k: v for k, v in data.items() if k in known})
+        """Build from a dict; an unknown key raises :class:`~hf_attn_swap.cliconfig.ConfigError` with the closest
+        valid name."""
+        return cliconfig.from_dict(cls, data)
 
     @classmethod
-    def load(cls, path: str | Path) -> UptrainConfig:
-        """Read a ``.json`` or ``.yaml``/``.yml`` file."""
-        path = Path(path)
-        text = path.read_text(encoding="utf-8")
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text) or {}
-        else:
-            data = json.loads(text)
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: an uptrain config must be a mapping of options")
-        return cls.from_dict(data)
+    def load(cls, path: str | Path, overrides: list[str] | None = None) -> UptrainConfig:
+        """Read a ``.json`` or ``.yaml``/``.yml`` file (the ``config.yaml``/``uptrain_result.json`` ``config`` of a
+        run too), then apply ``key=value`` overrides."""
+        return cliconfig.load(cls, path, overrides or [])
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
         path.write_text(self.to_yaml() if path.suffix in (".yaml", ".yml") else self.to_json(), encoding="utf-8")
 
     def override(self, items: list[str]) -> UptrainConfig:
-        """Apply ``key=value`` overrides (values parsed as YAML: ``lr=1e-4``, ``tokens=null``)."""
-        import yaml
-
-        data = self.to_dict()
-        known = set(data)
-        for item in items:
-            if "=" not in item:
-                raise ValueError(f"override {item!r} is not key=value")
-            key, value = item.split("=", 1)
-            if key not in known:
-                raise ValueError(f"unknown uptrain option {key!r}; known: {', '.join(sorted(known))}")
-            parsed = yaml.safe_load(value)
-            if isinstance(parsed, str):  # YAML 1.1 reads "1e-3" as a string
-                try:
-                    parsed = float(parsed)
-                except ValueError:
-                    pass
-            data[key] = parsed
-        return type(self)(**data)
+        """Apply ``key=value`` overrides, each parsed by the field's type (``lr=1e-4`` is a float, ``tokens=null``
+        is None, ``variant_options.strategy=mean`` sets one option)."""
+        return cliconfig.from_dict(type(self), cliconfig.apply_overrides(type(self), self.to_dict(), items))

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..api import attention_sites, parse_layers, swap_record
 from ..hf_compat import CACHE_KWARGS
+from ..progress import progress as progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -196,7 +197,7 @@ def layerwise_transfer(
         lr: peak learning rate.
         batch_rows: rows of ``calibration`` per step.
         seed: order of the minibatches.
-        progress: show a tqdm bar over layers.
+        progress: show a progress bar over layers for this call (else :func:`hf_attn_swap.progress.enable`).
 
     Returns:
         Per-layer attention-output MSE before and after.
@@ -229,11 +230,7 @@ def layerwise_transfer(
     saved_flags = [p.requires_grad for p in all_params]
     was = student.training
     student.eval()  # no dropout: the target is deterministic
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(idx), desc="layerwise transfer", unit="layer")
+    bar = progress_bar(desc="layerwise transfer", total=len(idx), unit="layer", force=progress)
     try:
         for p in all_params:
             p.requires_grad_(False)
@@ -263,15 +260,13 @@ def layerwise_transfer(
             result.layers.append(LayerStat(i, before, after, before / scale, after / scale))
             logger.info("layer %d: attention-output MSE %.4g -> %.4g (relative %.4f -> %.4f)", i, before, after,
                         before / scale, after / scale)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(rel=f"{before / scale:.3f}->{after / scale:.3f}")
+            bar.update(1)
+            bar.set_postfix(rel=f"{before / scale:.3f}->{after / scale:.3f}")
             xs[j] = ys[j] = None  # free as we go
     finally:
         for p, flag in zip(all_params, saved_flags):
             p.requires_grad_(flag)
         student.train(was)
-        if bar is not None:
-            bar.close()
+        bar.close()
     result.seconds = time.perf_counter() - start
     return result

@@ -58,6 +58,8 @@ class UptrainResult:
     eval_tokens: int = 0
     output_dir: str = ""
     config: dict[str, Any] = field(default_factory=dict)
+    #: code revision, versions, machine, exact weights and text (:func:`hf_attn_swap.provenance.provenance`).
+    provenance: dict[str, Any] = field(default_factory=dict)
     #: the uptrained model itself (not serialised).
     model: Any = field(default=None, repr=False, compare=False)
 
@@ -132,23 +134,27 @@ def prepare_data(cfg: UptrainConfig, tokenizer: Any) -> tuple[torch.Tensor, torc
     return calib, lw, e2e, held
 
 
-def uptrain(cfg: UptrainConfig, *, resume: bool | str = False) -> UptrainResult:
+def uptrain(cfg: UptrainConfig, *, resume: bool | str = False, overwrite: bool = False) -> UptrainResult:
     """Run the whole recipe described by ``cfg`` and save the uptrained model to ``cfg.output_dir/final``.
 
     Args:
         cfg: the options (see :class:`UptrainConfig`).
         resume: continue an interrupted run in ``cfg.output_dir``: True = its latest checkpoint, or a checkpoint
             path. The per-layer stage's result is reloaded from ``output_dir/stage1`` instead of recomputed.
+        overwrite: start over in an ``output_dir`` that holds a previous run, or write beside other files there
+            (they are left alone). Without it (or ``resume``) such a folder is refused before anything is loaded.
 
     Returns:
         The measurements; also written to ``output_dir/uptrain_result.json``.
 
     Raises:
-        ValueError: bad options, too little text, nothing to train, a teacher the student cannot be compared with.
-            Nothing is written to ``output_dir`` in those cases.
+        ValueError: bad options, too little text, nothing to train, a teacher the student cannot be compared with,
+            an ``output_dir`` it may not write (:class:`~hf_attn_swap.outputs.OutputDirError`). Nothing is written to
+            ``output_dir`` in those cases.
     """
     from ..api import swap_attention
     from ..checkpoint import load_swapped, save_swapped
+    from ..outputs import RUN_KIND, check_output_dir
     from ..registry import get_variant
     from ..zoo import load_model
     from .layerwise import layerwise_transfer
@@ -160,7 +166,7 @@ def uptrain(cfg: UptrainConfig, *, resume: bool | str = False) -> UptrainResult:
     variant, options = cfg.swap_spec()
     if cfg.plan is None:
         get_variant(cfg.variant)  # unknown variant: fail before loading anything
-    out = Path(cfg.output_dir)
+    out = check_output_dir(cfg.output_dir, overwrite=overwrite or cfg.overwrite, resume=bool(resume), kind=RUN_KIND)
     t0, c0 = time.perf_counter(), time.process_time()
 
     def point(stage: str, ppl: float | None, tokens: int) -> CurvePoint:
@@ -201,7 +207,7 @@ def uptrain(cfg: UptrainConfig, *, resume: bool | str = False) -> UptrainResult:
             ppl = _ppl(student, held, cfg)
             result.curve.append(point("layerwise", ppl, tokens))
             if cfg.end_to_end:
-                save_swapped(student, stage1, tokenizer)
+                save_swapped(student, stage1, tokenizer, overwrite=True)  # this run's own, checked above
                 (stage1 / "layerwise.json").write_text(json.dumps(result.layerwise, indent=2))
     if result.ppl_converted is None and resume:
         prev = out / RESULT_FILE
@@ -220,7 +226,10 @@ def uptrain(cfg: UptrainConfig, *, resume: bool | str = False) -> UptrainResult:
     result.cpu_seconds = time.process_time() - c0
     if result.ppl_original and result.ppl_converted and result.ppl_uptrained:
         result.recovery = log_gap_recovery(result.ppl_original, result.ppl_converted, result.ppl_uptrained)
-    save_swapped(student, out / FINAL_DIR, tokenizer)
+    from ..provenance import provenance
+
+    result.provenance = provenance(models=[teacher], corpora=[cfg.corpus, cfg.eval_corpus or cfg.corpus])
+    save_swapped(student, out / FINAL_DIR, tokenizer, overwrite=True)
     (out / RESULT_FILE).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     result.model = student
     logger.info("uptrain: ppl original %s, converted %s, uptrained %s (recovery %s) with %d tokens in %.0f s",

@@ -22,7 +22,16 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from ..hf_compat import cache_in_kwargs
+from ..convert.adapters import get_adapter
+from ..convert.projections import AttentionSite, find_attention
+from ..hf_compat import (
+    SDPA_HAS_GQA,
+    cache_in_kwargs,
+    cache_layers,
+    forward_hook_tables,
+    is_static_cache_layer,
+    new_cache_layer,
+)
 from ..registry import layer_swap
 
 #: attribute on an attention module holding the cache handed over by the pre-hook for the current forward.
@@ -45,10 +54,6 @@ def reference_mode() -> Iterator[None]:
 
 def in_reference_mode() -> bool:
     return _REFERENCE_MODE
-
-
-#: torch >= 2.5 lets SDPA read one K/V head for a group of query heads.
-SDPA_HAS_GQA = "enable_gqa" in (torch.nn.functional.scaled_dot_product_attention.__doc__ or "")
 
 
 def grouped_kv(key: torch.Tensor, value: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -98,17 +103,17 @@ def install_cache_layer(module: nn.Module, cache: Any) -> None:
     if factory is None:
         return
     idx = int(module.layer_idx)
-    layers = getattr(cache, "layers", None)
+    layers = cache_layers(cache)
     if layers is None:
         raise ValueError(
             f"the {swap.variant} attention keeps its own cache layer and needs a transformers Cache with per-layer "
             f"`layers` (DynamicCache); got {type(cache).__name__}"
         )
     while len(layers) <= idx:  # lazily built DynamicCache
-        cls = getattr(cache, "layer_class_to_replicate", None)
-        if cls is None:
+        fresh = new_cache_layer(cache)
+        if fresh is None:
             raise ValueError(f"cache has {len(layers)} layers, layer {idx} is missing")
-        layers.append(cls())
+        layers.append(fresh)
     current = layers[idx]
     wanted = factory()
     if type(current) is type(wanted) and current.signature() == wanted.signature():
@@ -119,9 +124,7 @@ def install_cache_layer(module: nn.Module, cache: Any) -> None:
             f"tokens in a {type(current).__name__}; start generation with a fresh cache (none, or "
             "DynamicCache(config=model.config))"
         )
-    from transformers.cache_utils import StaticLayer
-
-    if isinstance(current, StaticLayer):
+    if is_static_cache_layer(current):
         raise ValueError(
             f"{swap.variant} keeps its own cache layer and cannot use a static cache; use the default dynamic cache "
             "(do not pass cache_implementation='static')"
@@ -134,12 +137,12 @@ def current_cache_layer(module: nn.Module) -> Any | None:
     cache = module.__dict__.get(CACHE_ATTR)
     if cache is None:
         return None
-    return cache.layers[int(module.layer_idx)]
+    return cache_layers(cache)[int(module.layer_idx)]
 
 
 def add_cache_hooks(module: nn.Module) -> None:
     """Register the cache hand-over hooks on ``module`` (idempotent)."""
-    if any(fn is _stash_cache_hook for fn in module._forward_pre_hooks.values()):
+    if any(fn is _stash_cache_hook for fn in forward_hook_tables(module)[0][0].values()):
         return
     module.register_forward_pre_hook(_stash_cache_hook, with_kwargs=True)
     module.register_forward_hook(_clear_cache_hook, with_kwargs=True)
@@ -147,10 +150,7 @@ def add_cache_hooks(module: nn.Module) -> None:
 
 def remove_cache_hooks(module: nn.Module) -> None:
     """Remove the hooks added by :func:`add_cache_hooks` (found by identity, so deep copies work too)."""
-    for hooks, extra in (
-        (module._forward_pre_hooks, module._forward_pre_hooks_with_kwargs),
-        (module._forward_hooks, module._forward_hooks_with_kwargs),
-    ):
+    for hooks, extra in forward_hook_tables(module):
         for key, fn in list(hooks.items()):
             if fn in (_stash_cache_hook, _clear_cache_hook):
                 del hooks[key]
@@ -170,17 +170,20 @@ def swap_config(module: nn.Module, expected_cls: type) -> Any:
     return cfg
 
 
-def attention_sites_of(model: nn.Module, layers: list[int]) -> list[nn.Module]:
-    from ..api import attention_sites
+def model_sites(model: nn.Module) -> list[AttentionSite]:
+    """The model's attention modules in layer order. Variants walk the model through :mod:`..convert` (like the
+    conversion code), never through :mod:`..api`, which imports the registry that imports the variants."""
+    return find_attention(model, get_adapter(model))
 
-    sites = attention_sites(model)
+
+def attention_sites_of(model: nn.Module, layers: list[int]) -> list[nn.Module]:
+    """The attention modules of ``layers``."""
+    sites = model_sites(model)
     return [sites[i].module for i in layers]
 
 
 def require_causal(model: nn.Module, variant: str) -> None:
     """Causal-LM-only variants refuse encoder models, naming the alternatives."""
-    from ..convert.adapters import get_adapter
-
     adapter = get_adapter(model)
     if not adapter.causal:
         raise ValueError(

@@ -2,10 +2,25 @@
 
 Inference-only fast path of sliding-window attention on x86-64 CPUs with AVX2/FMA in fp32 (see the C file for why
 torch's SDPA cannot do this work). It is compiled once per source version with the system C compiler
-(``$CC``, else ``cc``) into the package cache, next to the fetched weights; nothing else is needed (no torch
+(``$CC``, else ``cc``) into ``<cache>/kernels``, next to the fetched weights; nothing else is needed (no torch
 headers, no ninja). Where it cannot be built or run (no compiler, no AVX2, another architecture, or
 ``HF_ATTN_SWAP_BAND_KERNEL=0``), :func:`available` is False and the callers use the SDPA path, which computes the
 same thing. Tests hold the kernel to ``reference.reference_sliding_window``.
+
+First-use cost: the first sliding-window forward that can use the kernel compiles it, about 1-2 s, once per source
+version (one INFO line says so); later processes load the cached library.
+
+Build safety, because the library is loaded into this process and runs with its rights:
+
+- the compiler runs under a timeout (``HF_ATTN_SWAP_BUILD_TIMEOUT`` seconds, default 120) in its own process group,
+  killed with everything it started on timeout or interrupt;
+- builders take an ``fcntl`` lock in the kernels folder, so two processes never compile the same library at once;
+- the compiler writes into a private temporary folder beside the target (also its ``TMPDIR``), the result is renamed
+  into place, and the temporary folder is removed on any failure or interrupt;
+- a kernels folder (or its parent) that other users can write to or that we do not own, and a library that we do not
+  own or that others can write, are refused: the callers fall back to SDPA with one WARNING (group write is allowed
+  only for a user private group, the Debian/Ubuntu default, which no other user belongs to);
+- after a successful build, libraries built from other versions of the source are removed.
 """
 
 from __future__ import annotations
@@ -18,8 +33,12 @@ import logging
 import os
 import platform
 import shutil
+import signal
+import stat
 import subprocess
 import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -29,48 +48,201 @@ from ..fetch import cache_dir
 logger = logging.getLogger(__name__)
 
 ENV = "HF_ATTN_SWAP_BAND_KERNEL"
+TIMEOUT_ENV = "HF_ATTN_SWAP_BUILD_TIMEOUT"
+DEFAULT_TIMEOUT_S = 120.0  # a cold gcc takes 1-2 s; this only catches a hung or wedged toolchain
 _SOURCE = Path(__file__).with_name("band_cpu.c")
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
+_LOCK_NAME = ".band_cpu.lock"
+_WORK_PREFIX = ".band_cpu-build-"
 
 
 class KernelBuildError(RuntimeError):
-    """The C compiler failed on band_cpu.c (its output is in the message)."""
+    """The kernel could not be built or may not be loaded (compiler missing, failed or too slow; unsafe folder)."""
 
 
 def _cpu_has_avx2_fma() -> bool:
-    if platform.machine().lower() not in {"x86_64", "amd64"}:
-        return False
+    return unavailable_reason(check_compiler=False) is None
+
+
+def _cpu_flags() -> set[str] | None:
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        return set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
+        return None
+
+
+def unavailable_reason(*, check_compiler: bool = True) -> str | None:
+    """Why this machine cannot build or run the kernel, or None if it can.
+
+    Args:
+        check_compiler: also require the C compiler (``$CC``, else ``cc``) on PATH.
+
+    Returns:
+        One line (not x86-64, CPU without AVX2/FMA, no C compiler), or None.
+    """
+    machine = platform.machine()
+    if machine.lower() not in {"x86_64", "amd64"}:
+        return f"the band kernel needs an x86-64 CPU, this one is {machine or 'unknown'}"
+    flags = _cpu_flags()
+    if flags is None:
+        return "cannot read /proc/cpuinfo to check for AVX2/FMA"
+    missing = sorted({"avx2", "fma"} - flags)
+    if missing:
+        return f"the band kernel needs AVX2 and FMA, this CPU lacks {', '.join(missing)}"
+    cc = os.environ.get("CC") or "cc"
+    if check_compiler and shutil.which(cc) is None:
+        return f"no C compiler: {cc!r} is not on PATH"
+    return None
+
+
+def _timeout() -> float:
+    raw = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not raw:
+        return DEFAULT_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise KernelBuildError(f"{TIMEOUT_ENV}={raw!r}: expected a number of seconds > 0")
+    return value
+
+
+def _private_group(gid: int) -> bool:
+    """A user private group (Debian/Ubuntu's default with umask 002): our own primary group, named after us, with no
+    other members. Group write there lets no other user in, so it is not refused."""
+    import grp  # POSIX only, like everything on the build path (the kernel itself needs /proc/cpuinfo)
+    import pwd
+
+    try:
+        group, user = grp.getgrgid(gid), pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
         return False
-    return " avx2" in flags and " fma" in flags
+    return gid == os.getegid() and group.gr_name == user and set(group.gr_mem) <= {user}
 
 
-def build(out_dir: Path | None = None) -> Path:
+def _others_can_write(st: os.stat_result) -> bool:
+    return bool(st.st_mode & stat.S_IWOTH or (st.st_mode & stat.S_IWGRP and not _private_group(st.st_gid)))
+
+
+def _check_private(path: Path, what: str, *, allow_sticky: bool = False) -> None:
+    """Refuse ``path`` if another user owns it or can write to it (they could swap the library we load)."""
+    st = path.stat()
+    if st.st_uid not in {os.geteuid(), 0}:
+        raise KernelBuildError(f"{what} {path} is owned by uid {st.st_uid}, not by you (uid {os.geteuid()}): "
+                               f"refusing to build or load the kernel there (set {ENV}=0 or fix the owner)")
+    sticky = allow_sticky and st.st_mode & stat.S_ISVTX
+    if _others_can_write(st) and not sticky:
+        raise KernelBuildError(f"{what} {path} is writable by other users (mode {stat.S_IMODE(st.st_mode):o}): "
+                               f"refusing to build or load the kernel there (chmod go-w it, or set {ENV}=0)")
+
+
+def _check_library(lib: Path) -> None:
+    st = lib.stat()
+    if st.st_uid != os.geteuid() or _others_can_write(st):
+        raise KernelBuildError(f"{lib} is owned by uid {st.st_uid} with mode {stat.S_IMODE(st.st_mode):o}; only a "
+                               "library you own and nobody else can write is loaded (delete it to rebuild)")
+
+
+@contextlib.contextmanager
+def _build_lock(out_dir: Path, wait_s: float) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on the kernels folder's lock file (per open file, so threads exclude too)."""
+    import fcntl
+
+    fd = os.open(out_dir / _LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise KernelBuildError(f"another process has been building the kernel in {out_dir} for over "
+                                           f"{wait_s:g} s (lock {_LOCK_NAME}); set {ENV}=0 to skip it") from None
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _compile(cmd: list[str], work: Path, timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run the compiler in its own process group; kill the whole group (cc1, as, ld) on timeout or interrupt."""
+    env = {**os.environ, "TMPDIR": str(work)}  # its intermediate files land in ``work`` and go with it
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _remove_leftovers(out_dir: Path, keep: Path) -> None:
+    """Remove other source versions' libraries and dead builds' work folders (called holding the lock)."""
+    uid = os.geteuid()
+    for old in out_dir.glob("band_cpu-*.so"):
+        if old != keep and old.is_file() and old.stat().st_uid == uid:
+            old.unlink(missing_ok=True)
+            logger.debug("removed stale kernel build %s", old)
+    for work in out_dir.glob(f"{_WORK_PREFIX}*"):
+        # Only a process killed with SIGKILL leaves one, and no builder is running while we hold the lock.
+        if work.is_dir() and work.stat().st_uid == uid:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def build(out_dir: Path | None = None, *, timeout: float | None = None) -> Path:
     """Compile ``band_cpu.c`` into ``<cache>/kernels/band_cpu-<hash>.so`` (a cache hit after the first call).
 
+    Args:
+        out_dir: where the library goes (default ``<cache>/kernels``; created private if missing).
+        timeout: seconds the compiler may take (default ``$HF_ATTN_SWAP_BUILD_TIMEOUT`` or 120).
+
+    Returns:
+        The library's path.
+
     Raises:
-        KernelBuildError: no C compiler, or it failed.
+        KernelBuildError: no C compiler, it failed or timed out, or the folder/library is not private to this user.
     """
     src = _SOURCE.read_bytes()
     cc = os.environ.get("CC") or "cc"
     tag = hashlib.sha256(src + " ".join([cc, *_FLAGS]).encode()).hexdigest()[:16]
-    out_dir = out_dir or cache_dir() / "kernels"
+    out_dir = Path(out_dir) if out_dir is not None else cache_dir() / "kernels"
     lib = out_dir / f"band_cpu-{tag}.so"
+    timeout = _timeout() if timeout is None else timeout
+    out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _check_private(out_dir.resolve().parent, "the kernels folder's parent", allow_sticky=True)
+    _check_private(out_dir, "the kernels folder")
     if lib.exists():
+        _check_library(lib)
         return lib
     if shutil.which(cc) is None:
         raise KernelBuildError(f"no C compiler: {cc!r} is not on PATH (set $CC, or {ENV}=0 to use SDPA only)")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # Compile beside the target and rename: concurrent first uses (pytest workers) never see half a library.
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
-    os.close(fd)
-    proc = subprocess.run([cc, *_FLAGS, str(_SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
-    if proc.returncode != 0:
-        os.unlink(tmp)
-        raise KernelBuildError(f"{cc} failed on {_SOURCE.name}:\n{proc.stderr[-2000:]}")
-    os.replace(tmp, lib)
+    with _build_lock(out_dir, wait_s=2 * timeout + 10):
+        if lib.exists():  # another process built it while we waited
+            _check_library(lib)
+            return lib
+        logger.info("building the band attention kernel with %s (about 1-2 s, once per source version) into %s",
+                    cc, out_dir)
+        work = Path(tempfile.mkdtemp(prefix=_WORK_PREFIX, dir=out_dir))
+        try:
+            target = work / lib.name
+            try:
+                proc = _compile([cc, *_FLAGS, str(_SOURCE), "-o", str(target), "-lm"], work, timeout)
+            except subprocess.TimeoutExpired:
+                raise KernelBuildError(f"{cc} did not finish compiling {_SOURCE.name} within {timeout:g} s (killed; "
+                                       f"set {TIMEOUT_ENV} to allow longer, or {ENV}=0 to use SDPA only)") from None
+            if proc.returncode != 0 or not target.is_file():
+                raise KernelBuildError(f"{cc} failed on {_SOURCE.name} (exit {proc.returncode}):\n"
+                                       f"{proc.stderr[-2000:]}")
+            target.chmod(0o755)
+            os.replace(target, lib)  # same folder: atomic, a concurrent loader sees no library or a whole one
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        _remove_leftovers(out_dir, keep=lib)
     return lib
 
 
@@ -81,6 +253,7 @@ def _library() -> ctypes.CDLL | None:
     try:
         lib = ctypes.CDLL(str(build()))
     except (KernelBuildError, OSError) as err:
+        # lru_cache: one WARNING per process, then every caller takes the SDPA path.
         logger.warning("band attention kernel unavailable, sliding window uses SDPA blocks: %s", err)
         return None
     fn = lib.band_attention_f32

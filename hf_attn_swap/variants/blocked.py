@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from ..hf_compat import cpu_flash_attention, cpu_flash_lse_available
 from . import band_cpu
 from ._common import grouped_kv
 
@@ -161,14 +162,13 @@ def _interior_band(
 
 def _flash_cpu(q, k, v, *, attn_mask, scale):
     """CPU flash kernel returning (output, log-sum-exp); the public SDPA drops the latter."""
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=attn_mask,
-                                                                      scale=scale)
+    return cpu_flash_attention(q, k, v, attn_mask=attn_mask, scale=scale)
 
 
 def _lse_op_usable(query: torch.Tensor) -> bool:
     # The op's log-sum-exp has no gradient, so the merge is inference-only; it exists on CPU from torch 2.3.
     return (query.device.type == "cpu" and not torch.is_grad_enabled()
-            and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"))
+            and cpu_flash_lse_available())
 
 
 def _merge_sinks(out: torch.Tensor, lse: torch.Tensor, query: torch.Tensor, sink_k: torch.Tensor,

@@ -4,6 +4,12 @@ They are installed per layer by the pre-hook of :mod:`._common`, and each also r
 ``config.layer_types`` naming it builds it too. All of them size the model-level mask like a full layer
 (``get_mask_sizes`` = every position so far): the mask is shared by every layer of a per-layer plan, and each variant
 applies its own window or pattern from the positions it keeps here.
+
+The recurrent ``(S, z)`` of the linear and hybrid layers is kept in transformers' own linear-attention layer state
+(``LinearAttentionCacheLayerMixin``: recurrent states 0 and 1), so ``Cache.get_recurrent_state`` /
+``has_previous_state`` and transformers' beam and offload code see it. The layers stay ``CacheLayerMixin`` too (as
+transformers' own hybrid layers do): the mask builders size every layer from its token count, and transformers' pure
+linear layers have none. The mixin's conv-state half (Mamba-style convolutions) has no counterpart here.
 """
 
 from __future__ import annotations
@@ -11,7 +17,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers.cache_utils import CacheLayerMixin
+
+from ..hf_compat import cache_layer_mixin, linear_attention_cache_mixin
+
+CacheLayerMixin = cache_layer_mixin()
+LinearAttentionCacheLayerMixin = linear_attention_cache_mixin()
 
 
 class SwapCacheLayer(CacheLayerMixin):
@@ -148,7 +158,35 @@ class KVWindowLayer(SwapCacheLayer):
         return full
 
 
-class LinearStateLayer(SwapCacheLayer):
+class RecurrentState(LinearAttentionCacheLayerMixin):
+    """``state_s`` / ``state_z`` as transformers' linear-attention recurrent states 0 and 1 (None until written).
+
+    Mixed in after a :class:`SwapCacheLayer`, whose token count, mask sizes, crop and reset take precedence."""
+
+    def _init_recurrent_state(self) -> None:
+        LinearAttentionCacheLayerMixin.__init__(self, number_of_states=2)
+
+    def _get_state(self, idx: int) -> torch.Tensor | None:
+        return self.recurrent_states[idx]
+
+    def _set_state(self, idx: int, value: torch.Tensor | None) -> None:
+        # Assigned, not copied in place: the attention function returns fresh fp32 tensors (shapes grow with batch).
+        self.recurrent_states[idx] = value
+        self.is_recurrent_states_initialized[idx] = value is not None
+        self.has_previous_state[idx] = value is not None
+
+    state_s = property(lambda self: self._get_state(0), lambda self, v: self._set_state(0, v))
+    state_z = property(lambda self: self._get_state(1), lambda self, v: self._set_state(1, v))
+
+    def update_conv_state(self, conv_states: torch.Tensor, state_idx: int = 0, **kwargs: Any) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} keeps no convolution state (linear attention has none)")
+
+    def update_recurrent_state(self, recurrent_states: torch.Tensor, state_idx: int = 0, **kwargs: Any) -> torch.Tensor:
+        self._set_state(state_idx, recurrent_states)
+        return recurrent_states
+
+
+class LinearStateLayer(SwapCacheLayer, RecurrentState):
     """Recurrent state of causal linear attention: ``S = sum phi(k) v^T`` ``(b, H_kv, m, d)`` and ``z = sum phi(k)``
     ``(b, H_kv, m)``, in fp32. Constant memory in the context length: no key or value is kept."""
 
@@ -156,8 +194,7 @@ class LinearStateLayer(SwapCacheLayer):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__()
-        self.state_s: torch.Tensor | None = None
-        self.state_z: torch.Tensor | None = None
+        self._init_recurrent_state()
 
     def _tensor_names(self) -> list[str]:
         return ["keys", "values", "valid", "state_s", "state_z"]
@@ -175,7 +212,7 @@ class LinearStateLayer(SwapCacheLayer):
         return key_states, value_states
 
 
-class HybridStateLayer(KVWindowLayer):
+class HybridStateLayer(KVWindowLayer, RecurrentState):
     """Linear attention with an exact softmax window (``linear`` with ``window``): the last ``window - 1`` keys/values
     (as :class:`KVWindowLayer`, no sinks) plus the recurrent state of every older key, ``S = sum phi(k) v^T`` and
     ``z = sum phi(k)`` over positions ``< state_upto``. The attention function folds the keys that leave the window
@@ -185,8 +222,7 @@ class HybridStateLayer(KVWindowLayer):
 
     def __init__(self, window: int | None = None, **kwargs: Any) -> None:
         super().__init__(window=window, sinks=0)
-        self.state_s: torch.Tensor | None = None
-        self.state_z: torch.Tensor | None = None
+        self._init_recurrent_state()
         self.state_upto = 0
 
     def _init_kwargs(self) -> dict:

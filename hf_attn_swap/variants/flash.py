@@ -24,7 +24,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ..configs import VariantConfig
 from ..reference import reference_attention
 from ..registry import default_mask, layer_swap, register_variant
-from ._common import in_reference_mode, swap_config
+from ._common import in_reference_mode, model_sites, swap_config
 from .gqa import grouped_attention
 from .sliding_window import check_no_softcap
 
@@ -58,6 +58,7 @@ class FlashConfig(VariantConfig):
     """
 
     backend: str = "auto"
+    option_choices = {"backend": BACKENDS}  # listed by `hf-attn-swap variants`
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -87,11 +88,13 @@ class FlashConfig(VariantConfig):
 def _record(module: nn.Module, backend: str) -> None:
     swap = layer_swap(module)
     if swap is not None and swap.state.get("backend") != backend:
+        # DEBUG, not INFO: every layer reports on its first call (30 identical lines on a 30-layer model); the swap's
+        # one INFO line says what was swapped, and flash_backends(model) says which kernel each layer ran.
         if swap.state.get("backend") is None:
-            logger.info("flash attention: layer %d runs %s", swap.layer_idx, backend)
+            logger.debug("flash attention: layer %d runs %s", swap.layer_idx, backend)
         else:
-            logger.info("flash attention: layer %d switched from %s to %s", swap.layer_idx, swap.state["backend"],
-                        backend)
+            logger.debug("flash attention: layer %d switched from %s to %s", swap.layer_idx, swap.state["backend"],
+                         backend)
         swap.state["backend"] = backend
 
 
@@ -151,10 +154,8 @@ def flash_attention(
 
 def flash_backends(model: nn.Module) -> dict[int, str]:
     """Layer index -> the kernel its last ``flash`` call actually ran (layers not yet run are absent)."""
-    from ..api import attention_sites
-
     out = {}
-    for s in attention_sites(model):
+    for s in model_sites(model):
         swap = layer_swap(s.module)
         if swap is not None and swap.variant == "flash" and "backend" in swap.state:
             out[s.layer_idx] = swap.state["backend"]

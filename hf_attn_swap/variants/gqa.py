@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from ..configs import VariantConfig
 from ..convert.adapters import get_adapter
 from ..convert.calibrate import second_moments
+from ..progress import progress
 from ..convert.pooling import STRATEGIES, convert_projections, rotary_dims_of
 from ..convert.projections import build_new_modules, commit, find_attention, read_projections
 from ..reference import causal_bool_mask, reference_attention
@@ -44,6 +45,7 @@ class GQAConfig(VariantConfig):
     groups: int = 1
     strategy: str = "mean"
     seed: int = 0
+    option_choices = {"strategy": STRATEGIES}  # listed by `hf-attn-swap variants`
 
     def __post_init__(self) -> None:
         if isinstance(self.groups, bool) or not isinstance(self.groups, int) or self.groups < 1:
@@ -79,6 +81,7 @@ class MQAConfig(VariantConfig):
 
     strategy: str = "mean"
     seed: int = 0
+    option_choices = {"strategy": STRATEGIES}
 
     def __post_init__(self) -> None:
         GQAConfig(1, self.strategy, self.seed)
@@ -216,8 +219,9 @@ def convert_gqa(model: torch.nn.Module, config: GQAConfig | MQAConfig, layers: l
         results, tokens = second_moments(
             model, [s.module for s in chosen], calibration, consume=lambda i, cov: new_block(chosen[i], cov)
         )
-    else:
-        results = [new_block(site, None) for site in chosen]
+    else:  # a bar per layer, except when only reshaping for a load (instant); fit's bar is calibration's, per layer
+        results = [new_block(site, None) for site in
+                   (chosen if structure_only else progress(chosen, desc=f"{strategy} K/V heads -> {groups}", unit="layer"))]
     blocks = [b for b in results if b is not None]
     lossy = any(site.num_kv_heads != groups for site in chosen)
     uniform = len(layers) == len(sites)

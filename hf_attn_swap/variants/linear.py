@@ -32,6 +32,7 @@ from ._common import (
     attention_sites_of,
     current_cache_layer,
     in_reference_mode,
+    model_sites,
     new_token_validity,
     remove_cache_hooks,
     require_causal,
@@ -77,6 +78,7 @@ class LinearConfig(VariantConfig):
     eps: float = 1e-6
     kernel: str = "auto"
     window: int = 0
+    option_choices = {"feature_map": FEATURE_MAPS, "kernel": KERNELS}  # listed by `hf-attn-swap variants`
 
     def __post_init__(self) -> None:
         self.feature_map = canonical_feature_map(self.feature_map)
@@ -276,9 +278,7 @@ def linear_attention(
 def _prepare(model: nn.Module, config: LinearConfig, layers: list[int]) -> None:
     # Deterministic: the same config and layers always build the same maps with the same shapes, before any state
     # dict is loaded (load_swapped replays this, then loads the weights strictly).
-    from ..api import attention_sites
-
-    sites = attention_sites(model)
+    sites = model_sites(model)
     for i in layers:
         site = sites[i]
         ref = next(site.module.parameters())
@@ -299,10 +299,8 @@ def _restore(model: nn.Module, layers: list[int]) -> None:
 
 def feature_maps(model: nn.Module) -> dict[int, FeatureMap]:
     """Layer index -> feature map of every layer running ``linear``."""
-    from ..api import attention_sites
-
     out = {}
-    for s in attention_sites(model):
+    for s in model_sites(model):
         swap = layer_swap(s.module)
         if swap is not None and swap.variant == "linear" and hasattr(s.module, FEATURE_MAP_ATTR):
             out[s.layer_idx] = getattr(s.module, FEATURE_MAP_ATTR)

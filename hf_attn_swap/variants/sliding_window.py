@@ -27,6 +27,7 @@ from ._common import (
     attention_sites_of,
     current_cache_layer,
     in_reference_mode,
+    model_sites,
     new_token_validity,
     remove_cache_hooks,
     require_causal,
@@ -171,9 +172,7 @@ def vanilla_export(model: torch.nn.Module, step: Any) -> Any | None:
     n = int(cfg.num_hidden_layers)
     if target is None or options.get("sinks", 0) or sorted(layers) != list(range(n)):
         return None
-    from ..api import attention_sites
-
-    kv_heads = {s.num_kv_heads for s in attention_sites(model)}
+    kv_heads = {s.num_kv_heads for s in model_sites(model)}
     if kv_heads != {int(getattr(cfg, "num_key_value_heads", cfg.num_attention_heads))}:
         return None  # per-layer KV heads: no vanilla family expresses that
     window = int(options["window"])

@@ -1,0 +1,73 @@
+"""The benchmark scripts' writers: provenance in the JSON, reports rendered from the JSON alone (checkable by
+python -m hf_attn_swap.readme), no fixed prose. The measurements are replaced by the committed figures: the
+benchmarks themselves take minutes."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from hf_attn_swap import readme
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_variants_writer_records_provenance_and_derives_every_note(tmp_path, monkeypatch):
+    bench = _script("variants")
+    committed = json.loads((ROOT / "results" / "variants.json").read_text())
+    for fn, key in (("flash", "flash"), ("grouped_decode", "grouped_decode"), ("linear", "linear"),
+                    ("sliding", "sliding_window")):
+        monkeypatch.setattr(bench, f"bench_{fn}", lambda repeats, key=key: committed[key])
+    out = tmp_path / "v"
+    bench.main(["--threads", "1", "--repeats", "2", "--out", str(out)])
+
+    res = json.loads(out.with_suffix(".json").read_text())
+    assert res["command"] == f"python bench/variants.py --threads 1 --repeats 2 --out {out}"
+    assert res["provenance"]["command"] == res["command"] and res["provenance"]["torch_threads"] == 1
+    assert res["gpu"] == (torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
+    md = out.with_suffix(".md").read_text()
+    assert md.startswith(f"<!-- generated: v.json {bench.RENDERER} -->\n")
+    assert readme.main(["--check", str(out.with_suffix(".md")), "--root", str(ROOT)]) == 0
+    assert "from run to run" not in md and "## Provenance" in md
+    if res["gpu"] is None:
+        assert "GPU: none visible to torch in this run" in md
+    # every figure is the JSON's: change one and the report follows
+    res["sliding_window"]["speedup_kernel"] = 3.25
+    assert "**3.2x**" in bench.markdown(res) and "| NO |" in bench.markdown(res)
+
+
+def test_gqa_strategies_writer_records_both_models(tmp_path, monkeypatch):
+    bench = _script("gqa_strategies")
+    committed = json.loads((ROOT / "results" / "gqa_strategies.json").read_text())
+    torch.manual_seed(0)
+    tiny = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=1))
+    monkeypatch.setattr(bench, "smollm2", lambda args: (committed["smollm2"], tiny))
+    monkeypatch.setattr(bench, "minilm", lambda args: (committed["minilm"], tiny))
+    monkeypatch.setattr(sys, "argv", ["bench/gqa_strategies.py", "--out", str(tmp_path), "--threads", "1"])
+    bench.main()
+
+    res = json.loads((tmp_path / "gqa_strategies.json").read_text())
+    assert res["command"] == f"python bench/gqa_strategies.py --out {tmp_path} --threads 1"
+    assert len(res["provenance"]["models"]) == 2 and res["provenance"]["corpora"][0]["name"] == "shakespeare"
+    assert "note" not in res["meta"]
+    assert readme.main(["--check", str(tmp_path / "gqa_strategies.md"), "--root", str(ROOT)]) == 0
+    md = (tmp_path / "gqa_strategies.md").read_text()
+    assert f"load average {res['provenance']['load_average'][0]}" in md
+
+
+def test_bench_options_take_no_free_text_notes():
+    for name in ("variants", "gqa_strategies"):
+        assert "--note" not in (ROOT / "bench" / f"{name}.py").read_text()
