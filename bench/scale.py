@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -109,28 +108,18 @@ def calib_bytes(size: Size, tokens: int, batch_tokens: int) -> int:
     return tokens * size.hidden * 2 + 3 * batch_tokens * size.intermediate * 2 + (size.hidden + 1) ** 2 * 8
 
 
-def provenance(args: argparse.Namespace) -> dict:
-    import torch
-    import transformers
-
-    def git(*a: str) -> str:
-        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+def provenance(args: argparse.Namespace, folders: list[Path]) -> dict:
+    """The package's provenance record (code, versions, machine, load, the checkpoints' hashes) plus what the
+    convert subprocesses ran with."""
+    from hf_attn_swap.provenance import provenance as record
 
     return {
-        "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
-        "git_commit": git("rev-parse", "HEAD"),
-        "git_dirty": bool(git("status", "--porcelain")),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "threads": args.threads,
-        "dtype": "bfloat16",
-        "cpu": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "load_average_at_start": os.getloadavg(),
-        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "weights": "random-initialised (seed 0), written by bench/scale.py --build",
-        "calibration": "uniformly random token ids within the vocabulary (seed 0): no tokenizer in the checkpoints",
+        **record(models=[str(f) for f in folders], argv=["bench/scale.py", *sys.argv[1:]]),
+        "convert_threads": args.threads,
+        "convert_dtype": "bfloat16",
+        "weights_note": "random-initialised (seed 0) llama checkpoints written by bench/scale.py --build",
+        "calibration_note": "uniformly random token ids within the vocabulary (seed 0): the checkpoints have no "
+        "tokenizer",
     }
 
 
@@ -144,12 +133,13 @@ def runtime_baseline() -> int:
 
 
 def measure(args: argparse.Namespace) -> dict:
-    rows = []
+    rows, folders = [], []
     baseline = runtime_baseline()
     print(f"runtime baseline (imports only): {baseline / 2**30:.2f} GiB", flush=True)
     for name in args.sizes.split(","):
         size = SIZES[name]
         folder = checkpoint(size)
+        folders.append(folder)
         weights = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
         for strategy in args.strategies.split(","):
             cmd = [sys.executable, "-m", "hf_attn_swap.cli", "convert", "--model", str(folder),
@@ -175,7 +165,7 @@ def measure(args: argparse.Namespace) -> dict:
             rows.append(row)
             print(f"{name:6s} {strategy:5s} wall {wall:7.1f} s  convert {report['convert_s']:7.1f} s  peak RSS "
                   f"{peak / 2**30:6.2f} GiB = {peak / weights:.2f} x weights ({weights / 2**30:.2f} GiB)", flush=True)
-    return {"provenance": provenance(args), "runtime_baseline_bytes": baseline, "rows": rows}
+    return {"provenance": provenance(args, folders), "runtime_baseline_bytes": baseline, "rows": rows}
 
 
 def write_report(result: dict, out: Path) -> None:
@@ -202,11 +192,12 @@ def write_report(result: dict, out: Path) -> None:
             f"{r['peak_over_weights']} | {r['goal_bytes'] / 2**30:.2f} | {'yes' if r['within_goal'] else 'no'} | "
             f"{r['peak_minus_runtime_over_weights']} | {'yes' if r['within_goal_beyond_runtime'] else 'no'} |"
         )
+    from hf_attn_swap.eval.report import provenance_lines
+
     p = result["provenance"]
-    lines += ["", f"Command: `{p['command']}`", "",
-              f"git {p['git_commit'][:12]}{' (dirty)' if p['git_dirty'] else ''}, python {p['python']}, torch "
-              f"{p['torch']}, transformers {p['transformers']}, {p['threads']} thread(s), {p['cpu_count']} CPUs, "
-              f"load average at start {p['load_average_at_start'][0]:.1f}, {p['date_utc']}.", ""]
+    lines += ["", f"Command: `{p['command']}` (each convert process: {p.get('convert_threads')} torch thread(s), "
+              f"{p.get('convert_dtype')}). {p.get('calibration_note', '')}.", ""]
+    lines += provenance_lines(p)
     (out / "scale.md").write_text("\n".join(lines))
     plot(rows, out / "scale.png")
 
