@@ -27,6 +27,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# `python bench/scale.py` puts bench/ first on sys.path: import this checkout's package (as the convert
+# subprocesses, run from ROOT, do), not whichever copy is installed, so the provenance names the measured code.
+sys.path.insert(0, str(ROOT))
 
 
 @dataclass(frozen=True)
@@ -196,7 +199,7 @@ def write_report(result: dict, out: Path) -> None:
 
     p = result["provenance"]
     lines += ["", f"Command: `{p['command']}` (each convert process: {p.get('convert_threads')} torch thread(s), "
-              f"{p.get('convert_dtype')}). {p.get('calibration_note', '')}.", ""]
+              f"{p.get('convert_dtype')}). Calibration: {p.get('calibration_note', '')}.", ""]
     lines += provenance_lines(p)
     (out / "scale.md").write_text("\n".join(lines))
     plot(rows, out / "scale.png")
