@@ -48,6 +48,8 @@ _EXPORTS = {
     "check_output_dir": "outputs",
     # device and dtype names of eval/uptrain, checked (and probed) before anything loads
     "resolve_device_dtype": "devices",
+    # calibration statistics of attention inputs (layer by layer where the model allows)
+    "second_moments": "convert.calibrate",
 }
 #: submodules exported as such: progress bars (off in the library, on in the CLI): ``hf_attn_swap.progress.enable()``.
 _SUBMODULES = ("progress",)

@@ -133,36 +133,65 @@ def resolve_model(name_or_path: str | os.PathLike[str]) -> Path | str:
 def load_model(
     name_or_path: str | os.PathLike[str],
     *,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
     attn_implementation: str | None = None,
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    device: str | torch.device | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     """Load a real model and its tokenizer, ready for evaluation.
 
     Args:
         name_or_path: See :func:`resolve_model`.
-        dtype: Parameter dtype.
+        dtype: Parameter dtype (a ``torch.dtype`` or ``"float32"``/``"bfloat16"``/``"float16"``). The
+            weights are read straight into it (transformers 5 builds the model on ``meta`` and fills it
+            from the safetensors file: no float32 copy of a bfloat16 checkpoint is made).
         attn_implementation: Passed to ``from_pretrained`` (e.g. ``"eager"``, ``"sdpa"``); None lets
             transformers choose.
+        device: Where the weights are loaded (``"cpu"``, ``"cuda:0"``...; passed as ``device_map``);
+            None keeps transformers' default (CPU).
+
+    A local folder is checked before any weight is read (:func:`hf_attn_swap.preflight.preflight`):
+    it exists and holds a supported model, the dtype runs on the device, and the weights fit in the
+    device's available memory. A local folder without tokenizer files (a random-initialised
+    checkpoint) gives ``tokenizer=None``.
 
     Returns:
         ``(model, tokenizer)``: the model in eval mode (AutoModelForCausalLM for causal LMs, AutoModel
         for encoders); the tokenizer always has a pad token (EOS if it had none) and pads on the
         left for causal LMs, so batched generation and last-token logits line up.
     """
-    source = resolve_model(name_or_path)
+    from .preflight import check_dtype_on_device, parse_device, parse_dtype, preflight
+
     entry = MODELS.get(str(name_or_path))
+    dtype = parse_dtype(dtype)
+    text = str(name_or_path)
+    if Path(text).expanduser().is_dir() or text.startswith(("/", ".", "~")) or text.count("/") > 1:
+        preflight(name_or_path, dtype, device)  # a local folder: refuse bad input before reading weights
+    else:
+        check_dtype_on_device(dtype, parse_device(device))
+    source = resolve_model(name_or_path)
     kind = entry.kind if entry is not None else _detect_kind(source)
     auto_cls = AutoModelForCausalLM if kind == "causal_lm" else AutoModel
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    if device is not None:
+        kwargs["device_map"] = {"": str(device)}
     model = auto_cls.from_pretrained(source, dtype=dtype, **kwargs).eval()
     # which exact weights these are: every results JSON records it (hf_attn_swap.provenance)
     model.hf_attn_swap_source = _provenance_of(name_or_path, source)
+    if entry is None and not _has_tokenizer(Path(source)):
+        logger.info("%s has no tokenizer files: tokenizer=None (pass input ids directly)", source)
+        return model, None
     tokenizer = AutoTokenizer.from_pretrained(source)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if kind == "causal_lm":
         tokenizer.padding_side = "left"
     return model, tokenizer
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return folder.is_dir() and any(
+        (folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")
+    )
 
 
 def weights_provenance(name_or_path: str | os.PathLike[str]) -> dict[str, Any]:

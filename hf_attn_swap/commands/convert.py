@@ -28,6 +28,9 @@ class ConvertConfig:
         "torch threads (1: measured best for fit calibration on a busy 2-core machine; null = torch's default)"))
     out: str | None = opt(None, help="save the converted model here (atomic, with sidecar)")
     overwrite: bool = opt(False, help="allow saving into an output directory that already holds a model")
+    dtype: str = opt("float32", choices=("float32", "bfloat16", "float16"),
+                     help="dtype the weights are loaded, calibrated and saved in")
+    device: str | None = opt(None, help="where the model is loaded and calibrated: cpu, cuda, cuda:N (null = cpu)")
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -73,10 +76,21 @@ def run(args: argparse.Namespace) -> int:
     get_variant(name).config_cls.from_dict(options)  # unknown variant or option: fail before loading the model
     if cfg.out:  # before loading anything: a bad --out must not cost a conversion
         check_output_dir(cfg.out, overwrite=cfg.overwrite, kind=CHECKPOINT_KIND)
-    model, tok = load_model(cfg.model)
+    model, tok = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)  # checks folder/dtype/memory first
     causal = type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))  # else an encoder (embeddings)
+    if tok is None and (cfg.eval_tokens or not causal):
+        raise ValueError(f"{cfg.model} has no tokenizer: only a causal LM converted with --eval-tokens 0 can run "
+                         "without one (calibration then uses random token ids)")
     calibration = None
-    if options.get("strategy") == "fit":
+    if options.get("strategy") == "fit" and tok is None:
+        import torch
+
+        # A random-initialised checkpoint has no tokenizer: uniformly random ids within its vocabulary (seeded).
+        gen = torch.Generator().manual_seed(0)
+        n_blocks = max(1, cfg.calib_tokens // 512)
+        calibration = torch.randint(0, model.config.vocab_size, (n_blocks, min(512, cfg.calib_tokens)), generator=gen)
+        echo(f"calibration: {calibration.numel()} random token ids (no tokenizer in {cfg.model})")
+    elif options.get("strategy") == "fit":
         train = load_text(cfg.corpus, split="train")
         if causal:
             calibration = token_blocks(tok, train, 512, max_tokens=cfg.calib_tokens)

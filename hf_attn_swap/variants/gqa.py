@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ..configs import VariantConfig
 from ..convert.adapters import get_adapter
-from ..convert.calibrate import input_second_moments
+from ..convert.calibrate import second_moments
 from ..progress import progress
 from ..convert.pooling import STRATEGIES, convert_projections, rotary_dims_of
 from ..convert.projections import build_new_modules, commit, find_attention, read_projections
@@ -59,6 +59,7 @@ class GQAConfig(VariantConfig):
     def check_model(self, model: Any, layers: list[int]) -> None:
         adapter = get_adapter(model)
         sites = find_attention(model, adapter)
+        _check_materialised(sites, layers)
         heads = sites[0].num_heads
         for i in layers:
             kv = sites[i].num_kv_heads
@@ -90,6 +91,20 @@ class MQAConfig(VariantConfig):
 
     def check_model(self, model: Any, layers: list[int]) -> None:
         GQAConfig(1, self.strategy, self.seed).check_model(model, layers)
+
+
+def _check_materialised(sites: list[Any], layers: list[int]) -> None:
+    """Refuse attention weights offloaded to ``meta`` (accelerate ``cpu_offload`` / disk offload): calibration runs
+    through accelerate's hooks, but the converted weights would be written beside hooks that page the OLD weights
+    back in at the next forward."""
+    for i in layers:
+        names = [n for n, p in sites[i].module.named_parameters() if p.device.type == "meta"]
+        if names:
+            raise ValueError(
+                f"layer {i}'s attention weights are offloaded (on 'meta': {', '.join(names[:3])}); gqa conversion "
+                "needs them materialised: load without offloading (no device_map, device_map={'': 'cuda:0'}, or "
+                "a map whose entries are all devices the layers run on, with no 'disk' and no 'cpu' beside a GPU)"
+            )
 
 
 def _divisors(n: int) -> list[int]:
@@ -165,23 +180,16 @@ def convert_gqa(model: torch.nn.Module, config: GQAConfig | MQAConfig, layers: l
     adapter = get_adapter(model)
     sites = find_attention(model, adapter)
     chosen = [sites[i] for i in layers]
-    covariances: list[torch.Tensor | None] = [None] * len(chosen)
-    tokens = 0
-    if strategy == "fit":
-        if calibration is None:
-            raise ValueError(
-                "strategy 'fit' needs calibration text: pass calibration=<LongTensor of input ids (n, L)> to "
-                "swap_attention (e.g. a few thousand tokens of held-in text)"
-            )
-        covariances, tokens = input_second_moments(model, [s.module for s in chosen], calibration)
     gen = torch.Generator().manual_seed(int(getattr(config, "seed", 0)))
-    blocks = []
-    lossy = False
-    pairs = list(zip(chosen, covariances))  # a bar per layer, except when only reshaping for a load (instant)
-    for site, cov in pairs if structure_only else progress(pairs, desc=f"{strategy} K/V heads -> {groups}", unit="layer"):
+
+    def new_block(site, cov: torch.Tensor | None) -> dict | None:
+        """Phase 1 for one module: its new parameters (in the model's dtype, on its device), or None if unchanged."""
         p = read_projections(site.module, site.parent, adapter, head_dim=site.head_dim)
-        if site.num_kv_heads != groups:
-            lossy = True
+        home = p.k_w.device
+        if cov is not None:
+            # The fit runs in float64 on the CPU: its per-layer (E x E) eigendecompositions are small, and CPU float64
+            # is fast everywhere while consumer GPUs run float64 at a small fraction of their speed.
+            p, cov = _moved(p, torch.device("cpu")), cov.cpu()
         new = convert_projections(
             p,
             num_heads=site.num_heads,
@@ -195,8 +203,27 @@ def convert_gqa(model: torch.nn.Module, config: GQAConfig | MQAConfig, layers: l
             generator=gen,
         )
         if new is p:
-            continue  # groups == current KV heads: bit-identical, nothing to write
-        blocks.append(build_new_modules(site, adapter, new))
+            return None  # groups == current KV heads: bit-identical, nothing to write
+        return build_new_modules(site, adapter, _moved(new, home))  # back beside the model's own weights
+
+    tokens = 0
+    if strategy == "fit":
+        if calibration is None:
+            raise ValueError(
+                "strategy 'fit' needs calibration text: pass calibration=<LongTensor of input ids (n, L)> to "
+                "swap_attention (e.g. a few thousand tokens of held-in text)"
+            )
+        # Statistics come from the ORIGINAL model, on its device and in its dtype, layer by layer where possible;
+        # each layer is fitted as soon as its statistic is final (one float64 matrix alive at a time) and nothing is
+        # written to the model before commit, so no fit can change the statistics of a later layer.
+        results, tokens = second_moments(
+            model, [s.module for s in chosen], calibration, consume=lambda i, cov: new_block(chosen[i], cov)
+        )
+    else:  # a bar per layer, except when only reshaping for a load (instant); fit's bar is calibration's, per layer
+        results = [new_block(site, None) for site in
+                   (chosen if structure_only else progress(chosen, desc=f"{strategy} K/V heads -> {groups}", unit="layer"))]
+    blocks = [b for b in results if b is not None]
+    lossy = any(site.num_kv_heads != groups for site in chosen)
     uniform = len(layers) == len(sites)
     if uniform and adapter.native_gqa and hasattr(model.config, "num_key_value_heads"):
         blocks.append({(id(model.config), "num_key_value_heads"): (model.config, "num_key_value_heads", groups)})
@@ -207,6 +234,11 @@ def convert_gqa(model: torch.nn.Module, config: GQAConfig | MQAConfig, layers: l
         "vanilla": uniform and adapter.native_gqa,
         "calibration_tokens": tokens,
     }
+
+
+def _moved(p, device: torch.device):
+    """Projections with every tensor on ``device`` (a no-op for tensors already there)."""
+    return p.replace(**{k: None if v is None else v.detach().to(device) for k, v in vars(p).items()})
 
 
 def vanilla_export(model: torch.nn.Module, step: Any):
