@@ -346,8 +346,12 @@ def test_conversion_in_half_model_equals_float32_conversion_cast(strategy, dtype
 
         kw["calibration"] = _ids(b=4, n=32, seed=7, padded=False)[0]
         mods = [layer.self_attn for layer in f32.model.layers]
-        moments = input_second_moments(f32, mods, kw["calibration"])
-        monkeypatch.setattr(gqa_mod, "input_second_moments", lambda *a, **k: moments)
+        moments, tokens = input_second_moments(f32, mods, kw["calibration"])
+
+        def same_moments(model, modules, calibration, consume=None, **k):  # the float32 model's, for both models
+            return ([consume(i, m) for i, m in enumerate(moments)] if consume else moments), tokens
+
+        monkeypatch.setattr(gqa_mod, "second_moments", same_moments)
     swap_attention(f32, "gqa", groups=2, strategy=strategy, **kw)
     swap_attention(half, "gqa", groups=2, strategy=strategy, **kw)
     assert {n: t.dtype for n, t in [*half.named_parameters(), *half.named_buffers()]} == before

@@ -12,7 +12,7 @@ from hf_attn_swap.eval.speed import compare_speed
 IDS = torch.randint(3, 100, (200,), generator=torch.Generator().manual_seed(0))
 CALIB = torch.randint(3, 100, (4, 24), generator=torch.Generator().manual_seed(1))
 PPL_BAR = "perplexity (context 32"
-FIT_BARS = ("calibration", "fit K/V heads -> 1")
+FIT_BARS = ("calibration, layer by layer",)  # fit's bar: one step per layer, calibrated and fitted in turn
 
 
 @pytest.fixture(autouse=True)

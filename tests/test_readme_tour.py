@@ -44,4 +44,4 @@ def test_readme_api_tour_runs_as_a_script(tmp_path, smollm2):
     assert lines[-1].startswith("cannot undo gqa") and "reload the original checkpoint" in lines[-1]
     assert (tmp_path / "out" / "mqa" / "config.json").is_file()  # the tour writes under ./out (git-ignored)
     # progress.enable() in the tour: the fit conversion's bars went to stderr, never to stdout.
-    assert "fit K/V heads -> 1: 100%" in proc.stderr and "layer/s" not in proc.stdout
+    assert "calibration, layer by layer: 100%" in proc.stderr and "layer/s" not in proc.stdout

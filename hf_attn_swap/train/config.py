@@ -86,8 +86,8 @@ class UptrainConfig:
         "torch CPU threads (1: on a busy 2-core machine two threads stall on small matmuls; raise it on an idle or "
         "larger machine; null = torch's default)"))
     device: str = opt("cpu", help="where the student, the teacher and every batch run: cpu, cuda, cuda:N, mps")
-    dtype: str = opt("float32", choices=("float32", "bfloat16", "float16"), help=(
-        "parameter dtype of student and teacher (float16 is refused: it would need loss scaling)"))
+    dtype: str = opt("float32", help=(
+        "parameter dtype of student and teacher: float32 or bfloat16 (bf16); float16 is refused (loss scaling)"))
     progress: bool = opt(True, help="progress bars")
 
     def __post_init__(self) -> None:
@@ -104,6 +104,13 @@ class UptrainConfig:
             raise ConfigError("all objective weights are 0: set lm_weight, kl_weight or attn_weight")
         if self.plan is not None and not self.plan:
             raise ConfigError("plan must be a non-empty mapping {layers: variant or [variant, {options}]}")
+        # Names only (torch-free, like the rest of this module); devices.resolve probes the dtype before loading.
+        dtypes, aliases = ("float32", "bfloat16", "float16"), {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16",
+                                                              "half": "float16"}
+        self.dtype = aliases.get(self.dtype, self.dtype)
+        if self.dtype not in dtypes:
+            allowed = ", ".join([*dtypes, *(f"{a} (= {b})" for a, b in aliases.items())])
+            raise ConfigError(f"unknown dtype {self.dtype!r}; allowed: {allowed}")
         if self.dtype == "float16":
             raise ConfigError("dtype=float16 cannot train here: pure float16 weights need loss scaling and float32 "
                               "master weights, which uptrain does not do (its gradients underflow); allowed: float32, "
