@@ -38,6 +38,9 @@ _EXPORTS = {
     "perplexity": "eval.perplexity",
     "perplexity_of_text": "eval.perplexity",
     "run_comparison": "eval.compare",
+    # speed at scale: a cache filled to a length, the roofline model and the projection behind `hf-attn-swap plan`
+    "fill_cache": "eval.cache_fill",
+    "plan": "eval.roofline",
 }
 
 
