@@ -171,7 +171,7 @@ def write_md(path: Path, data: dict) -> None:
              f"{hw['extra']['copy_bandwidth'] / 1e9:.2f} GB/s, {hw['flops'] / 1e9:.1f} GFLOP/s.", "",
              "Caches are filled directly to the context (seeded random K/V or states of the right shapes); a step is "
              "one token for every sequence of the batch. Predicted = max(bytes / bandwidth, FLOPs / FLOP rate) of "
-             "hf_attn_swap/eval/roofline.py; error = measured / predicted - 1.", "",
+             "the matrices plus the same of the attention (hf_attn_swap/eval/roofline.py); error = measured / predicted - 1.", "",
              "## Measured against predicted (ms per step)", "",
              "| cache | variant | context | batch | measured | predicted | error | bound |", "|---|---|---:|---:|---:|---:|---:|---|"]
     for r in data["measured"]:
@@ -308,9 +308,9 @@ def main(argv: list[str] | None = None) -> int:
             label = name if not opts else name + ":" + ",".join(f"{k}={v}" for k, v in opts.items())
             vshapes[label] = rl.resolve_variant(shape, name, opts)
         est = estimate_s(args, shape, vshapes, hw)
-        logger.info("predicted run time: about %.0f min (from the roofline of this CPU)", est / 60)
+        logger.info("predicted run time: about %.1f min (from the roofline of this CPU; expect more)", est / 60)
         if args.estimate:
-            print(f"about {est / 60:.0f} min")
+            print(f"about {est / 60:.1f} min")
             return 0
         models = build_models(model, specs)
         t0 = time.perf_counter()

@@ -72,6 +72,19 @@ def test_prefill_cost_by_hand(shape, spec, n, write, flops):
     assert (cost.cache_read_bytes, cost.cache_write_bytes, cost.flops) == (0, write, flops)
 
 
+def test_time_is_the_sum_of_the_matrix_and_attention_rooflines(shape):
+    hw = rl.hardware_from_dict({"name": "toy", "bandwidth_gb_s": 1e-6, "flops_tflops": 1e-9, "memory_gb": 1,
+                                "dtype": "bf16", "source": "test"})  # 1000 B/s, 1000 FLOP/s
+    cost = rl.decode_cost(shape, v(shape, "baseline"), 10, batch=3, dtype_bytes=2)
+    assert cost.attention_flops == 2 * 2112
+    # matrices: max(11072 B, 32448 FLOP) -> 32.448 s; attention: max(1920 + 192 B, 4224 FLOP) -> 4.224 s
+    assert hw.time_s(cost) == pytest.approx(32.448 + 4.224)
+    assert hw.bound(cost) == "compute"
+    slow_memory = rl.hardware_from_dict({"name": "toy", "bandwidth_gb_s": 1e-6, "flops_tflops": 1e-7,
+                                         "memory_gb": 1, "dtype": "bf16", "source": "test"})  # 100000 FLOP/s
+    assert slow_memory.time_s(cost) == pytest.approx(11.072 + 2.112) and slow_memory.bound(cost) == "memory"
+
+
 def test_published_models_match_their_parameter_counts_and_kv_sizes():
     # Parameter totals as published (Llama 2 paper / model cards): 6,738,415,616; 8,030,261,248; 70,553,706,496.
     for name, params in (("llama-2-7b", 6738415616), ("llama-3-8b", 8030261248), ("llama-3-70b", 70553706496)):
@@ -140,6 +153,7 @@ def test_plan_projects_time_batch_and_bytes():
     s = rl.model_shape("llama-2-7b")
     cost = rl.decode_cost(s, rl.resolve_variant(s, "baseline"), 4096, batch=4, dtype_bytes=2)
     assert base["ms_per_step"] == pytest.approx(cost.bytes / 3.35e12 * 1e3) and base["bound"] == "memory"
+    assert cost.attention_flops == 32 * 4 * 4 * 32 * 4097 * 128
     assert base["tokens_per_s"] == pytest.approx(4 / base["ms_per_step"] * 1e3)
     assert base["cache_bytes_per_seq"] == 2 * 2**30  # 4096 tokens * 512 KiB
     assert base["max_batch"] == int((80e9 - 2 * 6738415616) // 2**31)

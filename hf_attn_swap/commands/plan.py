@@ -41,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=(
             "Roofline projection: per decode step, the bytes a model's weights and each variant's cache or state "
             "need to move and the FLOPs it needs, divided by a machine's bandwidth and FLOP rate (whichever is "
-            "slower). Prints per-token latency, tokens/s, cache bytes per sequence and the largest batch that fits "
+            "slower, for the matrices and for the attention). Prints per-token latency, tokens/s, cache bytes per sequence and the largest batch that fits "
             "beside the weights, per variant and context. GPU figures are the vendors' datasheet numbers (dense "
             "bf16); cpu measures this machine (a few seconds)."
         ),

@@ -1,8 +1,9 @@
 """A roofline model of decode and prefill for every attention variant, and hardware profiles to apply it to.
 
 From a decoder's shapes (its config) and a variant, :func:`decode_cost` and :func:`prefill_cost` count the bytes a
-step must move and the FLOPs it must do; a hardware profile turns them into a time,
-``max(bytes / bandwidth, flops / flop_rate)``. What is counted (``e`` = bytes per weight/KV element, ``b`` = batch,
+step must move and the FLOPs it must do; a hardware profile turns them into a time: ``max(bytes / bandwidth,
+flops / flop_rate)`` of the matrices (weights) plus the same of the attention (cache or state), the two phases
+running one after the other. What is counted (``e`` = bytes per weight/KV element, ``b`` = batch,
 ``c`` = tokens already cached, ``L`` layers, ``H``/``H_kv`` query/KV heads, ``d`` head size):
 
 * weights: every matrix of every layer, the norms, the final norm and the LM head (the embedding matrix again when
@@ -201,16 +202,26 @@ def parse_variants(shape: ModelShape, text: str | Sequence[str]) -> list[Variant
 
 @dataclass(frozen=True)
 class Cost:
-    """Bytes moved and FLOPs of one step (decode) or one forward (prefill)."""
+    """Bytes moved and FLOPs of one step (decode) or one forward (prefill).
+
+    ``flops`` is the total; ``attention_flops`` the part spent on the cache or state (scores, weighted sums, linear
+    state reads and updates), the rest is the matrices'. The two phases run one after the other (different kernels),
+    so a machine's time is the sum of their two rooflines (:meth:`Hardware.time_s`).
+    """
 
     weight_bytes: int
     cache_read_bytes: int
     cache_write_bytes: int
     flops: int
+    attention_flops: int = 0
 
     @property
     def bytes(self) -> int:
         return self.weight_bytes + self.cache_read_bytes + self.cache_write_bytes
+
+    @property
+    def cache_bytes(self) -> int:
+        return self.cache_read_bytes + self.cache_write_bytes
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "bytes": self.bytes}
@@ -285,6 +296,7 @@ def decode_cost(shape: ModelShape, v: VariantShape, context: int, *, batch: int 
         cache_read_bytes=L * (kv_read + state),
         cache_write_bytes=L * (kv_write + state),
         flops=2 * b * matmul_params(shape, v) + L * attn_flops,
+        attention_flops=L * attn_flops,
     )
 
 
@@ -312,14 +324,15 @@ def prefill_cost(shape: ModelShape, v: VariantShape, length: int, *, batch: int 
     flops = 2 * b * n * layer_params + 2 * b * shape.vocab * shape.hidden
     span = {"full": None, "window": v.window, "hybrid": v.window, "linear": 0}[v.kind]
     pairs = 0 if v.kind == "linear" else _causal_pairs(n, span, v.sinks if v.kind == "window" else 0)
-    flops += L * 4 * b * shape.heads * d * pairs
+    attn = L * 4 * b * shape.heads * d * pairs
     if v.kind in ("linear", "hybrid"):
-        flops += L * 2 * b * n * (shape.heads + v.kv_heads) * v.features * (d + 1)
+        attn += L * 2 * b * n * (shape.heads + v.kv_heads) * v.features * (d + 1)
     return Cost(
         weight_bytes=weight_bytes(shape, v, dtype_bytes) + b * n * shape.hidden * dtype_bytes,
         cache_read_bytes=0,
         cache_write_bytes=cache_bytes(shape, v, n, batch=b, dtype_bytes=dtype_bytes),
-        flops=flops,
+        flops=flops + attn,
+        attention_flops=attn,
     )
 
 
@@ -349,12 +362,20 @@ class Hardware:
     source: str
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
+    def _phases(self, cost: Cost) -> tuple[tuple[float, float], tuple[float, float]]:
+        dense = (cost.weight_bytes / self.bandwidth, (cost.flops - cost.attention_flops) / self.flops)
+        attn = (cost.cache_bytes / self.bandwidth, cost.attention_flops / self.flops)
+        return dense, attn
+
     def time_s(self, cost: Cost) -> float:
-        """``max(bytes / bandwidth, flops / flop rate)``, seconds."""
-        return max(cost.bytes / self.bandwidth, cost.flops / self.flops)
+        """Seconds: the roofline of the matrices (weight bytes, their FLOPs) plus that of the attention (cache bytes,
+        attention FLOPs), each ``max(bytes / bandwidth, flops / flop rate)``."""
+        return sum(max(p) for p in self._phases(cost))
 
     def bound(self, cost: Cost) -> str:
-        return "memory" if cost.bytes / self.bandwidth >= cost.flops / self.flops else "compute"
+        """``memory`` or ``compute`` when both phases are; else ``mixed`` (e.g. attention compute-bound on a CPU)."""
+        kinds = {"memory" if mem >= fl else "compute" for mem, fl in self._phases(cost) if mem or fl}
+        return kinds.pop() if len(kinds) == 1 else "mixed"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
