@@ -84,13 +84,29 @@ def build_models(model: torch.nn.Module, specs: list[tuple[str, dict]]) -> dict[
 
 def measure(args, models, shape, vshapes, hw) -> list[dict]:
     """Every (cache, context, batch) cell, round-robin over the models; predictions beside the measurements."""
+    from hf_attn_swap.eval.speed import check_cache_fits
+
     rows = []
     for mode in args.cache:
-        group = {k: m for k, m in models.items() if mode == "dynamic" or vshapes[k].kind == "full"}
         for c in args.contexts:
+            group = {k: m for k, m in models.items() if mode == "static" and vshapes[k].kind == "full"
+                     or mode == "dynamic" and (vshapes[k].kind != "full" or c <= args.dynamic_full_max)}
             for b in args.batches:
+                # Drop the largest caches until the rest fit (each dropped one recorded), rather than the whole cell.
+                cell = dict(sorted(group.items(), key=lambda kv: rl.cache_bytes(shape, vshapes[kv[0]], c, batch=b)))
+                while cell:
+                    try:
+                        check_cache_fits(cell, [c], [b], static=mode == "static", extra_tokens=args.warmup + args.steps + 1)
+                        break
+                    except ValueError as err:
+                        k = list(cell)[-1]
+                        logger.warning("skipped %s (%s cache) at context %d x batch %d: %s", k, mode, c, b, err)
+                        rows.append({"cache": mode, "variant": k, "context": c, "batch": b, "skipped": str(err)})
+                        del cell[k]
+                if not cell:
+                    continue
                 try:
-                    res, errors = compare_speed(group, decode_contexts=[c], decode_batch_sizes=[b], steps=args.steps,
+                    res, errors = compare_speed(cell, decode_contexts=[c], decode_batch_sizes=[b], steps=args.steps,
                                                 decode_warmup=args.warmup, fill="random", cache=mode,
                                                 compile=args.compile and mode == "static")
                 except ValueError as err:  # does not fit: recorded, the run goes on
@@ -151,13 +167,17 @@ def projections(args) -> list[dict]:
 def estimate_s(args, shape, vshapes, hw) -> float:
     total = 0.0
     for mode in args.cache:
-        n = [k for k in vshapes if mode == "dynamic" or vshapes[k].kind == "full"]
         for c in args.contexts:
+            n = [k for k in vshapes if mode == "static" and vshapes[k].kind == "full"
+                 or mode == "dynamic" and (vshapes[k].kind != "full" or c <= args.dynamic_full_max)]
             for b in args.batches:
                 for k in n:
                     step = hw.time_s(rl.decode_cost(shape, vshapes[k], c, batch=b, dtype_bytes=4))
-                    fill = rl.cache_bytes(shape, vshapes[k], c, batch=b, dtype_bytes=4) / hw.extra["copy_bandwidth"] * 6
-                    total += step * (args.steps + args.warmup) * 1.5 + fill  # 1.5: measured steps run above the roofline
+                    kv = rl.cache_bytes(shape, vshapes[k], c, batch=b, dtype_bytes=4)
+                    if mode == "dynamic" and vshapes[k].kind == "full":  # torch.cat: the cache copied every step
+                        step += 2 * kv / hw.extra["copy_bandwidth"]
+                    # 3: steps measured here ran 2-3x their roofline; the fill draws random numbers (~10 ns each)
+                    total += step * (args.steps + args.warmup) * 3 + kv / 4 * 1e-8
     return total
 
 
@@ -176,7 +196,8 @@ def write_md(path: Path, data: dict) -> None:
              "| cache | variant | context | batch | measured | predicted | error | bound |", "|---|---|---:|---:|---:|---:|---:|---|"]
     for r in data["measured"]:
         if "skipped" in r:
-            lines.append(f"| {r['cache']} | (all) | {r['context']} | {r['batch']} | skipped: {r['skipped']} | | | |")
+            lines.append(f"| {r['cache']} | {r.get('variant', '(all)')} | {r['context']} | {r['batch']} | skipped: "
+                         f"{r['skipped']} | | | |")
         elif "measured_ms" in r:
             lines.append(f"| {r['cache']}{' (compiled)' if r['compiled'] else ''} | {r['variant']} | {r['context']} | "
                          f"{r['batch']} | {r['measured_ms']:.1f} | {r['predicted_ms']:.1f} | {r['error']:+.0%} | "
@@ -245,6 +266,7 @@ def plot(out: Path, data: dict) -> list[str]:
     plan_rows = [r for r in data["plan"] if r["batch"] == 1]
     if plan_rows:
         models = sorted({r["model"] for r in plan_rows})
+        plan_colour = {v: f"C{i}" for i, v in enumerate(dict.fromkeys(r["variant"] for r in plan_rows))}
         hws = sorted({r["hardware"] for r in plan_rows})
         fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
         for j, model in enumerate(models):
@@ -254,12 +276,13 @@ def plot(out: Path, data: dict) -> list[str]:
             sel = [r for r in plan_rows if r["model"] == model and (hw is None or r["hardware"] == hw)]
             for variant in dict.fromkeys(r["variant"] for r in sel):
                 s = sorted((r for r in sel if r["variant"] == variant), key=lambda r: r["context"])
-                ax.plot([r["context"] for r in s], [r["ms_per_step"] for r in s], "o-", label=variant)
+                ax.plot([r["context"] for r in s], [r["ms_per_step"] for r in s], "o-", label=variant,
+                        color=plan_colour[variant])
             ax.set_xscale("log", base=2)
             ax.set_title(f"{model} on {hw or 'GPU'}, batch 1 (projected)", fontsize=9)
             ax.set_xlabel("context (tokens)")
             ax.set_ylabel("ms per token")
-        axes[0][0].legend(fontsize=7)
+            ax.legend(fontsize=7)
         fig.tight_layout()
         f = out.with_name(out.name + "_projected.png")
         fig.savefig(f, dpi=110)
@@ -276,10 +299,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", type=ints, default=ints("1,4,8,16"))
     ap.add_argument("--cache", type=lambda s: s.split(","), default=["dynamic", "static"],
                     help="dynamic, static or both (static: variants without their own cache layer)")
+    ap.add_argument("--dynamic-full-max", type=int, default=8192, help="largest context at which full-attention "
+                    "variants are timed with the DynamicCache (its per-step torch.cat dominates beyond; the static "
+                    "cache times them at every context)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the static-cache step")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--cpu-mb", type=int, default=256, help="tensor size of the bandwidth microbenchmark")
     ap.add_argument("--profile-context", type=int, default=None, help="context of the profiled step (default: the "
                     "largest measured that fits at the largest batch)")
     ap.add_argument("--plan-models", type=lambda s: s.split(","), default=list(rl.PUBLISHED_MODELS))
@@ -296,11 +323,14 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
 
-    from hf_attn_swap.zoo import load_model, resolve_model
+    from transformers import AutoModelForCausalLM
+
+    from hf_attn_swap.zoo import resolve_model
 
     with num_threads(args.threads):
-        hw = rl.measure_cpu(args.threads)
-        model, _ = load_model(args.model)
+        hw = rl.measure_cpu(args.threads, size_mb=args.cpu_mb)
+        # no tokenizer: the timed steps take ids, and the caches are filled without text
+        model = AutoModelForCausalLM.from_pretrained(resolve_model(args.model), dtype=torch.float32).eval()
         shape = rl.model_shape(model.config)
         specs = parse_variant_list(args.variants)
         vshapes = {}

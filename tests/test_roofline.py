@@ -181,3 +181,43 @@ def test_plan_command(capsys, tmp_path):
     assert len(err) == 1 and "missing" in err[0] and "required fields" in err[0]
     assert main(["plan", "--model", str(tmp_path / "none")]) == 2
     assert "allowed names" in capsys.readouterr().err
+
+
+def test_speed_at_scale_results_command_end_to_end(tmp_path, monkeypatch):
+    """bench/speed_at_scale.py on a tiny local model: JSON with provenance, predictions beside measurements, a
+    skipped cell that does not fit, Markdown tables and both plots."""
+    import importlib.util
+    from pathlib import Path
+
+    pytest.importorskip("matplotlib")
+    model = tiny("llama")
+    model.save_pretrained(tmp_path / "tiny")
+    path = Path(__file__).resolve().parent.parent / "bench" / "speed_at_scale.py"
+    spec = importlib.util.spec_from_file_location("speed_at_scale", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "res" / "sas"
+    from hf_attn_swap.eval import speed
+
+    # 100 kB "available": the full caches at 4096 tokens (2 MB, 1 MB) are skipped, the 8-token window still fits
+    monkeypatch.setattr(speed, "available_memory", lambda device: 100_000)
+    assert bench.main(["--model", str(tmp_path / "tiny"), "--variants", "baseline,mqa,sliding_window:window=8",
+                       "--contexts", "16,4096", "--batches", "2", "--steps", "2", "--warmup", "1",
+                       "--cpu-mb", "4", "--plan-models", "llama-3-8b", "--plan-hardware", "H200",
+                       "--plan-contexts", "4096", "--plan-batches", "1", "--out", str(out)]) == 0
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert data["provenance"]["threads"] == 1 and data["provenance"]["commit"] and "transformers" in data["provenance"]
+    done = [r for r in data["measured"] if "measured_ms" in r]
+    assert {(r["cache"], r["variant"]) for r in done} == {("dynamic", "baseline"), ("dynamic", "mqa"),
+                                                           ("dynamic", "sliding_window:window=8"),
+                                                           ("static", "baseline"), ("static", "mqa")}
+    assert {(r["variant"], r["context"]) for r in done if r["context"] == 4096} == {("sliding_window:window=8", 4096)}
+    assert all(r["predicted_ms"] > 0 for r in done)
+    skipped = {(r["cache"], r["variant"]) for r in data["measured"] if "does not fit" in r.get("skipped", "")}
+    assert skipped == {("dynamic", "baseline"), ("dynamic", "mqa"), ("static", "baseline"), ("static", "mqa")}
+    assert {r["variant"] for r in data["plan"]} == {"baseline", "mqa", "sliding_window:window=4096", "linear",
+                                                    "hybrid:window=64"}
+    md = out.with_suffix(".md").read_text()
+    assert "## Measured against predicted" in md and "## Projected" in md and "datasheet" in md
+    assert (tmp_path / "res" / "sas_decode.png").stat().st_size > 0
+    assert (tmp_path / "res" / "sas_projected.png").stat().st_size > 0

@@ -190,7 +190,8 @@ def check_cache_fits(
 
     A cell keeps the caches of every model at once (they are timed round-robin); each is sized with
     :func:`hf_attn_swap.eval.memory.analytic_kv_bytes` at ``context + extra_tokens`` tokens (a full cache when the
-    variant has no formula, or when ``static``), plus 10%.
+    variant has no formula, or when ``static``), plus its largest layer (a dynamic step's concatenation holds one
+    layer twice), plus 10%.
 
     Raises:
         ValueError: the largest cell that does not fit, what it needs and what is available.
@@ -205,8 +206,11 @@ def check_cache_fits(
             n = int(c) + extra_tokens
             need = 0
             for m in models.values():
-                got = None if static else analytic_kv_bytes(m, n, batch=int(b))[0]
-                need += got if got is not None else full_kv_bytes(m, n, batch=int(b))
+                total, per_layer = analytic_kv_bytes(m, n, batch=int(b))
+                if static or total is None:
+                    total, per_layer = full_kv_bytes(m, n, batch=int(b)), [0]
+                # a DynamicCache step concatenates one layer at a time: that layer exists twice for a moment
+                need += total + max((x or 0) for x in per_layer)
             need = int(need * 1.1)
             if need > have:
                 raise ValueError(
@@ -332,7 +336,7 @@ def compare_speed(
         forwards = {name: torch.compile(m, dynamic=False) for name, m in models.items()}
     for c in decode_contexts:
         for b in decode_batch_sizes:
-            ids = _ids(first, int(b), int(c), input_ids)
+            ids = _ids(first, int(b), int(c), input_ids) if fill == "prefill" else None  # random: no prompt at all
             state: dict[str, list[Any]] = {}
             kv: dict[str, Any] = {}
             for name in alive(names):
