@@ -159,3 +159,26 @@ def test_step_profile_sorts_time_into_arithmetic_copies_and_python():
     assert set(dyn) == {"matmul", "attention", "cache_copy", "kv_copy", "other_ops", "python", "wall"}
     for p in (dyn, stat):
         assert sum(p[k] for k in p if k != "wall") == pytest.approx(p["wall"], rel=0.02) or p["python"] == 0
+
+
+@pytest.mark.parametrize("name, opts", [("sliding_window", {"window": 4}), ("linear", {"window": 3}),
+                                        ("sparse", {})], ids=["window", "hybrid", "sparse"])
+@torch.no_grad()
+def test_decode_appending_into_a_buffer_matches_the_full_forward(name, opts):
+    """Window layers append decode tokens into a preallocated buffer, refilled when full (every ~64 steps here): 90
+    steps cross several refills, then a batch repeat drops the buffer; every step's logits equal the full forward's."""
+    if name == "sparse":
+        opts = {"window": 6, "global_tokens": 2, "block_size": 4}  # keeps every key (window=None layer): doubling
+    model = model_of(name, opts)
+    ids = torch.randint(3, 100, (1, 100), generator=torch.Generator().manual_seed(0))
+    full = model(input_ids=ids).logits
+    cache = new_cache(model)
+    name_kw = cache_kwarg(model)
+    model(input_ids=ids[:, :10], **{name_kw: cache}, use_cache=True)
+    for t in range(10, 80):
+        got = model(input_ids=ids[:, t : t + 1], **{name_kw: cache}, use_cache=True).logits[:, -1]
+        torch.testing.assert_close(got, full[:, t], rtol=1e-4, atol=1e-4)
+    cache.batch_repeat_interleave(2)
+    for t in range(80, 100):
+        got = model(input_ids=ids[:, t : t + 1].expand(2, 1), **{name_kw: cache}, use_cache=True).logits[:, -1]
+        torch.testing.assert_close(got, full[:, t].expand(2, -1), rtol=1e-4, atol=1e-4)
