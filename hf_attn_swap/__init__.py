@@ -50,6 +50,9 @@ _EXPORTS = {
     "resolve_device_dtype": "devices",
     # calibration statistics of attention inputs (layer by layer where the model allows)
     "second_moments": "convert.calibrate",
+    # speed at scale: a cache filled to a length, the roofline model and the projection behind `hf-attn-swap plan`
+    "fill_cache": "eval.cache_fill",
+    "plan": "eval.roofline",
 }
 #: submodules exported as such: progress bars (off in the library, on in the CLI): ``hf_attn_swap.progress.enable()``.
 _SUBMODULES = ("progress",)

@@ -3,6 +3,10 @@
 * :mod:`.perplexity` - strided sliding-window perplexity (token, bits per byte, word), every token scored once.
 * :mod:`.speed` - prefill latency and cached decode tokens/s (warm-up, repeats, median, IQR; threads recorded).
 * :mod:`.memory` - KV-cache bytes measured from the cache object and computed analytically; peak memory.
+* :mod:`.cache_fill` - a cache filled directly to a length (random or recorded K/V, linear states): decode at 32k
+  without the prefill.
+* :mod:`.roofline` - bytes and FLOPs per decode step and prefill of every variant, GPU/CPU profiles, ``plan``.
+* :mod:`.step_profile` - where a decode step's time goes (arithmetic, copies, Python).
 * :mod:`.passkey` - passkey retrieval at several lengths and depths.
 * :mod:`.config` - the comparison's typed config (torch-free: ``--help`` stays fast).
 * :mod:`.compare` - the comparison run, used by ``hf-attn-swap eval`` and ``recipes/eval_ppl_speed.py``.
@@ -29,6 +33,14 @@ _EXPORTS = {
     "PerplexityResult": "perplexity",
     "perplexity": "perplexity",
     "perplexity_of_text": "perplexity",
+    "fill_cache": "cache_fill",
+    "record_prefill_kv": "cache_fill",
+    "decode_cost": "roofline",
+    "measure_cpu": "roofline",
+    "model_shape": "roofline",
+    "plan": "roofline",
+    "prefill_cost": "roofline",
+    "profile_decode_step": "step_profile",
     "Timing": "speed",
     "decode_throughput": "speed",
     "environment": "speed",

@@ -157,6 +157,69 @@ def _prefilled(model: nn.Module, ids: torch.Tensor) -> tuple[Any, torch.Tensor]:
     return output_cache(out), out.logits[:, -1].argmax(-1, keepdim=True)
 
 
+@torch.no_grad()
+def _filled(model: nn.Module, context: int, batch: int, static_len: int | None) -> tuple[Any, torch.Tensor]:
+    """A cache filled directly to ``context`` tokens (seeded random K/V) and seeded random next tokens."""
+    from .cache_fill import fill_cache
+
+    cache = fill_cache(model, context, batch, seed=context + batch, static_len=static_len)
+    gen = torch.Generator().manual_seed(context)
+    nxt = torch.randint(0, model.config.vocab_size, (batch, 1), generator=gen).to(_device(model))
+    return cache, nxt
+
+
+def available_memory(device: torch.device | str = "cpu") -> int:
+    """Bytes a measurement may still allocate: free GPU memory, or the system's available memory on CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def check_cache_fits(
+    models: dict[str, nn.Module],
+    contexts: Sequence[int],
+    batch_sizes: Sequence[int],
+    *,
+    static: bool = False,
+    extra_tokens: int = 0,
+    available: int | None = None,
+) -> None:
+    """Refuse, before anything is allocated, a (context, batch) cell whose caches do not fit.
+
+    A cell keeps the caches of every model at once (they are timed round-robin); each is sized with
+    :func:`hf_attn_swap.eval.memory.analytic_kv_bytes` at ``context + extra_tokens`` tokens (a full cache when the
+    variant has no formula, or when ``static``), plus its largest layer (a dynamic step's concatenation holds one
+    layer twice), plus 10%.
+
+    Raises:
+        ValueError: the largest cell that does not fit, what it needs and what is available.
+    """
+    from .memory import analytic_kv_bytes, full_kv_bytes
+
+    if not models or not contexts or not batch_sizes:
+        return
+    have = available_memory(_device(next(iter(models.values())))) if available is None else available
+    for c in sorted(contexts, reverse=True):
+        for b in sorted(batch_sizes, reverse=True):
+            n = int(c) + extra_tokens
+            need = 0
+            for m in models.values():
+                total, per_layer = analytic_kv_bytes(m, n, batch=int(b))
+                if static or total is None:
+                    total, per_layer = full_kv_bytes(m, n, batch=int(b)), [0]
+                # a DynamicCache step concatenates one layer at a time: that layer exists twice for a moment
+                need += total + max((x or 0) for x in per_layer)
+            need = int(need * 1.1)
+            if need > have:
+                raise ValueError(
+                    f"context {c} x batch {b} does not fit: the caches of {len(models)} model(s) need "
+                    f"{need / 1e9:.2f} GB (+10%) and {have / 1e9:.2f} GB is available; allowed: smaller contexts or "
+                    "batches, or fewer models per run")
+
+
 def _timed(fn: Callable[[], Any], device: torch.device) -> float:
     _sync(device)
     t0 = time.perf_counter()
@@ -183,6 +246,9 @@ def compare_speed(
     decode_warmup: int = 2,
     repeats: int = 3,
     input_ids: torch.Tensor | None = None,
+    fill: str = "prefill",
+    cache: str = "dynamic",
+    compile: bool = False,  # noqa: A002 - the option's name everywhere else
 ) -> tuple[dict[str, dict[str, list[dict[str, Any]]]], dict[str, str]]:
     """Prefill latency and cached decode speed of several models, measured round-robin.
 
@@ -197,6 +263,15 @@ def compare_speed(
         decode_warmup: untimed decode steps per model and cell.
         repeats: timed prefill calls per model and length.
         input_ids: optional 1-D real-text ids to take prompts from (else seeded random ids).
+        fill: how the decode cache gets its context: ``prefill`` (a real forward over the prompt) or ``random``
+            (filled directly to the length with seeded random keys/values of the right shapes,
+            :func:`hf_attn_swap.eval.cache_fill.fill_cache`: contexts up to 32k without their prefill). With
+            ``random`` the caches of every model of a cell must fit in the memory available, checked before
+            anything is timed.
+        cache: ``dynamic`` (transformers' ``DynamicCache``, variants' own layers) or ``static`` (a preallocated
+            ``StaticCache`` written in place: no per-step concatenation; only for variants without their own cache
+            layer, needs ``fill="random"``).
+        compile: time a ``torch.compile``-d forward (with ``cache="static"``: one graph for every step).
 
     Returns:
         ``(results, errors)``: ``results[name] = {"prefill": [...], "decode": [...]}`` with the cells of
@@ -210,6 +285,14 @@ def compare_speed(
                          f"warmup={warmup}, decode_warmup={decode_warmup}")
     if not models:
         raise ValueError("no model to time")
+    if fill not in ("prefill", "random") or cache not in ("dynamic", "static"):
+        raise ValueError(f"fill must be prefill or random, cache dynamic or static; got fill={fill!r}, cache={cache!r}")
+    if cache == "static" and fill != "random":
+        raise ValueError("cache='static' needs fill='random' (the static cache is filled directly)")
+    static_len = (lambda c: int(c) + decode_warmup + steps + 1) if cache == "static" else (lambda c: None)
+    if fill == "random":
+        check_cache_fits(models, decode_contexts, decode_batch_sizes, static=cache == "static",
+                         extra_tokens=decode_warmup + steps + 1)
     names = list(models)
     first = models[names[0]]
     device = _device(first)
@@ -256,13 +339,19 @@ def compare_speed(
                                              "tokens_per_s": prefill_batch * n_tok / (t.median_ms / 1e3)})
 
     cache_names = {name: cache_kwarg(m) for name, m in models.items()}  # not inside the timed step
+    forwards: dict[str, Callable[..., Any]] = {name: m for name, m in models.items()}
+    if compile:
+        forwards = {name: torch.compile(m, dynamic=False) for name, m in models.items()}
     for c in decode_contexts:
         for b in decode_batch_sizes:
-            ids = _ids(first, int(b), int(c), input_ids)
+            ids = _ids(first, int(b), int(c), input_ids) if fill == "prefill" else None  # random: no prompt at all
             state: dict[str, list[Any]] = {}
             kv: dict[str, Any] = {}
             for name in alive(names):
-                got = guard(name, lambda: _prefilled(models[name], ids))
+                if fill == "random":
+                    got = guard(name, lambda: _filled(models[name], int(c), int(b), static_len(c)))
+                else:
+                    got = guard(name, lambda: _prefilled(models[name], ids))
                 if got is not None:
                     state[name] = list(got)
                     kv[name] = measure_kv_bytes(got[0])  # the cache decode starts from: measured for free
@@ -270,7 +359,7 @@ def compare_speed(
 
             def step(name: str) -> None:
                 cache, nxt = state[name]
-                logits = models[name](input_ids=nxt, **{cache_names[name]: cache}, use_cache=True).logits
+                logits = forwards[name](input_ids=nxt, **{cache_names[name]: cache}, use_cache=True).logits
                 state[name][1] = logits[:, -1].argmax(-1, keepdim=True)
 
             for name in alive(names):
@@ -299,6 +388,9 @@ def compare_speed(
                     "kv_bytes_kv_only": k.kv_only,
                     "kv_storage_bytes": k.storage,
                     "kv_layer_types": sorted(set(k.layer_types)),
+                    "fill": fill,
+                    "cache": cache,
+                    "compiled": bool(compile),
                 })
             state.clear()  # free the caches before the next cell
             gc.collect()
@@ -348,6 +440,9 @@ def decode_throughput(
     steps: int = 16,
     warmup: int = 2,
     input_ids: torch.Tensor | None = None,
+    fill: str = "prefill",
+    cache: str = "dynamic",
+    compile: bool = False,  # noqa: A002
 ) -> list[dict[str, Any]]:
     """Greedy cached decoding speed of one model at several context lengths and batch sizes.
 
@@ -358,6 +453,7 @@ def decode_throughput(
         steps: timed single-token steps per cell (each is one sample).
         warmup: untimed steps first.
         input_ids: optional 1-D real-text ids for the context (else seeded random ids).
+        fill, cache, compile: see :func:`compare_speed` (``fill="random"``: the cache filled directly, no prefill).
 
     Returns:
         One dict per (context, batch): ``context``, ``batch``, step-time statistics in ms, ``tokens_per_s``
@@ -366,7 +462,7 @@ def decode_throughput(
         :func:`hf_attn_swap.eval.memory.measure_kv_bytes`).
     """
     return _one(model, decode_contexts=contexts, decode_batch_sizes=batch_sizes, steps=steps, decode_warmup=warmup,
-                input_ids=input_ids)["decode"]
+                input_ids=input_ids, fill=fill, cache=cache, compile=compile)["decode"]
 
 
-__all__ = ["Timing", "compare_speed", "decode_throughput", "environment", "num_threads", "prefill_latency", "time_fn"]
+__all__ = ["Timing", "available_memory", "check_cache_fits", "compare_speed", "decode_throughput", "environment", "num_threads", "prefill_latency", "time_fn"]
