@@ -174,7 +174,16 @@ def load_model(
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     if device is not None:
         kwargs["device_map"] = {"": str(device)}
-    model = auto_cls.from_pretrained(source, dtype=dtype, **kwargs).eval()
+    if _saved_by_us(source):
+        # A checkpoint saved by save_swapped: its swap is replayed and its hashes verified (a plain from_pretrained
+        # would silently run the original attention); one that needs its missing sidecar is refused there.
+        from .checkpoint import load_swapped
+
+        model = load_swapped(source, dtype=dtype).eval()
+        if device is not None:
+            model.to(device)
+    else:
+        model = auto_cls.from_pretrained(source, dtype=dtype, **kwargs).eval()
     # which exact weights these are: every results JSON records it (hf_attn_swap.provenance)
     model.hf_attn_swap_source = _provenance_of(name_or_path, source)
     if entry is None and not _has_tokenizer(Path(source)):
@@ -186,6 +195,20 @@ def load_model(
     if kind == "causal_lm":
         tokenizer.padding_side = "left"
     return model, tokenizer
+
+
+def _saved_by_us(source: Path | str) -> bool:
+    """A local folder written by :func:`hf_attn_swap.checkpoint.save_swapped` (sidecar, or the config mark of one
+    that needs its sidecar)."""
+    folder = Path(source)
+    if not folder.is_dir():
+        return False
+    if (folder / "hf_attn_swap.json").is_file():
+        return True
+    try:
+        return "hf_attn_swap" in json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def _has_tokenizer(folder: Path) -> bool:

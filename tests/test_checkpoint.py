@@ -339,3 +339,25 @@ def test_overwrite_replaces_a_plain_transformers_checkpoint(tmp_path):
     swap_attention(model, "gqa", groups=2, strategy="mean")
     save_swapped(model, tmp_path / "ckpt", overwrite=True)
     assert torch.equal(output(load_swapped(tmp_path / "ckpt"), IDS), output(model, IDS))
+
+
+def test_zoo_load_model_replays_a_saved_swap_and_refuses_a_missing_sidecar(tmp_path):
+    """``--model DIR`` (eval, convert, uptrain) on a folder save_swapped wrote: the saved attention runs, not the
+    original one a plain ``from_pretrained`` would silently give; a checkpoint that needs its sidecar and lost it is
+    refused, naming the file."""
+    from hf_attn_swap import zoo
+    from hf_attn_swap.api import swap_record
+    from hf_attn_swap.checkpoint import CheckpointIntegrityError
+
+    model = tiny("llama")
+    swap_attention(model, "linear", feature_map="elu")  # attention-only: config.json cannot say it
+    ids = torch.randint(0, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    save_swapped(model, tmp_path / "ckpt")
+    loaded, tok = zoo.load_model(tmp_path / "ckpt")
+    assert tok is None  # no tokenizer files were saved
+    assert [s.variant for s in swap_record(loaded).steps] == ["linear"]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+    (tmp_path / "ckpt" / "hf_attn_swap.json").unlink()
+    with pytest.raises(CheckpointIntegrityError, match="hf_attn_swap.json is missing"):
+        zoo.load_model(tmp_path / "ckpt")
