@@ -49,7 +49,7 @@ from . import __version__
 from .api import RECORD_ATTR, SwapRecord, SwapStep, _apply_plan, _plan, swap_record
 from .convert.adapters import get_adapter
 from .outputs import CHECKPOINT_KIND, check_output_dir
-from .hf_compat import attn_implementation, make_v4_loadable, no_init_weights
+from .hf_compat import attn_implementation, make_v4_loadable, no_init_weights, set_attn_implementation
 from .registry import get_variant
 from .variants.linear import require_feature_map_state
 
@@ -336,6 +336,7 @@ def load_swapped(path: str | os.PathLike[str], *, dtype: torch.dtype | None = No
         model = cls.from_pretrained(path, dtype=dtype)
         _drop_mark(model.config)
         before = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        _restore_original_implementation(model, sidecar)
         _replay(model, replay, path)
         after = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         if before != after:
@@ -349,6 +350,7 @@ def load_swapped(path: str | os.PathLike[str], *, dtype: torch.dtype | None = No
             model = cls(config)
         model = model.to(dtype)
         model.tie_weights()
+        _restore_original_implementation(model, sidecar)
         _replay(model, replay, path)
         file = path / "model.safetensors"
         with safe_open(str(file), framework="pt") as fh:
@@ -380,6 +382,20 @@ def load_swapped(path: str | os.PathLike[str], *, dtype: torch.dtype | None = No
         )
         setattr(model, RECORD_ATTR, record)
     return model.eval()
+
+
+def _restore_original_implementation(model: nn.Module, sidecar: dict[str, Any]) -> None:
+    """Give the rebuilt model the attention implementation the saved one was loaded with, before the swap is
+    replayed: layers a plan left alone run it (e.g. Gemma-2's eager with softcap), whatever transformers would pick
+    by default today (5.20 picks sdpa for Gemma-2, 5.24 eager)."""
+    original = (sidecar.get("record") or {}).get("original_attn_implementation")
+    if not original or original == attn_implementation(model):
+        return
+    try:
+        set_attn_implementation(model, original)
+    except (ImportError, ValueError) as err:  # e.g. flash_attention_2 saved on a GPU, loaded where it cannot run
+        logger.warning("the saved model ran %s on the layers its swap left alone, which cannot run here (%s); they "
+                       "run %s", original, err, attn_implementation(model))
 
 
 def _replay(model: nn.Module, steps: list[SwapStep], path: Path) -> None:
