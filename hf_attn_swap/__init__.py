@@ -57,23 +57,9 @@ _EXPORTS = {
 #: submodules exported as such: progress bars (off in the library, on in the CLI): ``hf_attn_swap.progress.enable()``.
 _SUBMODULES = ("progress",)
 
+from ._lazy import lazy_exports  # noqa: E402
 
-def __getattr__(name: str):
-    if name in _SUBMODULES:
-        import importlib
-
-        return importlib.import_module(f"{__name__}.{name}")
-    if name in _EXPORTS:
-        import importlib
-
-        value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS) | set(_SUBMODULES))
+__getattr__, __dir__ = lazy_exports(globals(), _EXPORTS, _SUBMODULES)
 
 
 __all__ = sorted([*_EXPORTS, *_SUBMODULES])
