@@ -24,7 +24,6 @@ import logging
 import math
 import platform
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -47,29 +46,23 @@ def ints(text: str) -> list[int]:
     return [int(t) for t in text.split(",") if t.strip()]
 
 
-def git_commit() -> dict:
-    root = Path(__file__).resolve().parent.parent
-
-    def git(*a: str) -> str:
-        try:
-            return subprocess.run(["git", "-C", str(root), *a], capture_output=True, text=True, timeout=10).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
-    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
-    return {"commit": git("rev-parse", "HEAD") or None, "dirty": dirty}
-
-
-def provenance(args: argparse.Namespace, model_path: str, dtype: str) -> dict:
+def provenance(args: argparse.Namespace, model: torch.nn.Module, dtype: str) -> dict:
+    """The package's record (git commit and dirty flag, versions, machine, exact weights with sha256) plus the flat
+    fields this report's header shows."""
     import psutil
     import transformers
 
+    from hf_attn_swap.provenance import provenance as package_provenance
+
+    record = package_provenance(models=[model])
+    git = record.get("git") or {}
     return {
+        **record,
         "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
-        **git_commit(),
+        "commit": git.get("commit"), "dirty": git.get("dirty"),
         "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
         "machine": platform.machine(), "processor": platform.processor(), "cpu_count": psutil.cpu_count(),
-        "threads": args.threads, "dtype": dtype, "weights": model_path,
+        "threads": args.threads, "dtype": dtype, "weights": str(getattr(model, "name_or_path", "")),
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
@@ -324,14 +317,13 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
 
-    from transformers import AutoModelForCausalLM
-
-    from hf_attn_swap.zoo import resolve_model
+    from hf_attn_swap.zoo import load_model
 
     with num_threads(args.threads):
         hw = rl.measure_cpu(args.threads, size_mb=args.cpu_mb)
-        # no tokenizer: the timed steps take ids, and the caches are filled without text
-        model = AutoModelForCausalLM.from_pretrained(resolve_model(args.model), dtype=torch.float32).eval()
+        # the zoo records which exact weights these are (provenance); the tokenizer is unused: the timed steps take
+        # ids, and the caches are filled without text
+        model, _ = load_model(args.model, dtype=torch.float32)
         shape = rl.model_shape(model.config)
         specs = parse_variant_list(args.variants)
         vshapes = {}
@@ -357,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
                 profile.append({"cache": mode, "variant": k, "context": cprof, "batch": bmax, **prof})
         profile.sort(key=lambda r: (r["cache"], r["variant"]))
     data = {
-        "provenance": provenance(args, str(resolve_model(args.model)), str(next(model.parameters()).dtype)),
+        "provenance": provenance(args, model, str(next(model.parameters()).dtype)),
         "cpu_profile": hw.to_dict(), "model_shape": shape.to_dict(),
         "measured": rows, "speedups": speedups(rows), "profile": profile,
         "gpu_profiles": [h.to_dict() for h in rl.GPU_PROFILES.values()], "plan": projections(args),

@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             new = render(old, file.resolve().parent, root)
         except GeneratedError as exc:
-            print(f"{file}: {exc}", file=sys.stderr)
+            sys.stderr.write(f"{file}: {exc}\n")
             return 2
         if new == old:
             continue
@@ -236,9 +236,9 @@ def main(argv: list[str] | None = None) -> int:
                                                        f"{file} (as committed)", f"{file} (from its JSON)"))
         else:
             file.write_text(new)
-            print(f"updated {file}")
+            sys.stdout.write(f"updated {file}\n")
     if a.check and stale:
-        print(f"{stale} file(s) disagree with their JSON: run python -m hf_attn_swap.readme", file=sys.stderr)
+        sys.stderr.write(f"{stale} file(s) disagree with their JSON: run python -m hf_attn_swap.readme\n")
         return 1
     return 0
 
