@@ -11,6 +11,11 @@ torch-free :mod:`hf_attn_swap.eval.config` and is re-exported here::
 Every variant is applied to a fresh deep copy of the baseline, so variants never stack. A variant that is not
 registered stops the run before anything is loaded (``missing="skip"`` records it and goes on instead); one that
 fails to apply or to run becomes a record with ``status`` ``"error"`` and the reason.
+
+``perplexity.domains`` adds every variant's perplexity on the validation split of more corpora (``domain_perplexity``,
+``domain_ppl_ratio``); ``uptrained`` adds checkpoints trained after a conversion as rows of their own, with the share
+of the log-perplexity gap they won back over that conversion's untrained row (``recovery``, ``domain_recovery``).
+Both are checked (names, lengths, folders, tokenizers) before any model is loaded.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import copy
 import gc
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -72,6 +78,78 @@ def check_variants(cfg: EvalConfig) -> dict[str, str]:
             continue
         get_variant(name).config_cls.from_dict(opts)  # unknown / invalid options fail here, before the long run
     return skip
+
+
+def check_domains(cfg: EvalConfig, tokenizer: Any) -> dict[str, tuple[torch.Tensor, str]]:
+    """Validate ``perplexity.domains`` and tokenize each one's validation split, before any model is loaded.
+
+    Every domain is scored like the main corpus (``perplexity.context``, ``stride``, ``max_tokens``) and must be long
+    enough for ``max_tokens``: a shorter one would be a different measurement than the others.
+
+    Returns:
+        ``{domain: (ids, evaluated text)}`` in the config's order.
+
+    Raises:
+        ValueError: a name that is neither a corpus of :func:`hf_attn_swap.data.list_corpora` nor an existing path
+            (the message lists the allowed names), a domain listed twice, a validation split shorter than
+            ``perplexity.max_tokens`` (the message says how long it is), or a corpus that cannot be loaded.
+    """
+    from ..data import list_corpora, load_text, tokenize
+
+    p = cfg.perplexity
+    known = list_corpora()
+    seen: dict[str, str] = {}
+    for name in p.domains:
+        path = Path(name).expanduser()
+        if not path.exists() and name not in known:
+            raise ValueError(f"perplexity.domains: unknown domain {name!r}; allowed: {', '.join(known)}, or a .txt "
+                             "file or a folder of .txt files")
+        key = str(path.resolve()) if path.exists() else name
+        if key in seen:
+            same = "" if seen[key] == name else f" (as {seen[key]!r} and {name!r})"
+            raise ValueError(f"perplexity.domains lists {seen[key]!r} twice{same}; list each domain once")
+        seen[key] = name
+    out: dict[str, tuple[torch.Tensor, str]] = {}
+    for name in p.domains:
+        text = load_text(name, split="validation")
+        ids = tokenize(tokenizer, text, p.max_tokens)
+        need = p.max_tokens or 2
+        if ids.numel() < need:
+            raise ValueError(
+                f"perplexity.domains: the validation split of {name!r} is {ids.numel()} tokens long, shorter than "
+                f"perplexity.max_tokens={need}; lower max_tokens or drop {name!r}"
+            )
+        out[name] = (ids, text if p.max_tokens is None else tokenizer.decode(ids.tolist()))
+        logger.info("domain %s: %d tokens of its validation split", name, ids.numel())
+    return out
+
+
+def _check_uptrained(cfg: EvalConfig, tokenizer: Any) -> None:
+    """Each ``uptrained`` folder holds a model that fits, with the baseline's tokenizer (checked before loading)."""
+    from transformers import AutoTokenizer
+
+    from ..devices import resolve
+    from ..preflight import preflight
+    from ..zoo import _has_tokenizer
+
+    device, dtype = resolve(cfg.device, cfg.dtype)
+    for folder in cfg.uptrained:
+        try:
+            preflight(folder, dtype, device)
+        except ValueError as err:
+            raise ValueError(f"uptrained: {err}") from None
+        if _has_tokenizer(Path(folder)) and AutoTokenizer.from_pretrained(folder).get_vocab() != tokenizer.get_vocab():
+            raise ValueError(f"uptrained: {folder!r} has another tokenizer than {cfg.model!r}: its perplexities would "
+                             "not be comparable; evaluate a checkpoint trained from this model")
+
+
+def _load_tokenizer(cfg: EvalConfig) -> Any:
+    """The baseline's tokenizer alone, for the checks that must run before any model is loaded."""
+    from transformers import AutoTokenizer
+
+    from ..zoo import resolve_model
+
+    return AutoTokenizer.from_pretrained(resolve_model(cfg.model))
 
 
 def _check_lengths(cfg: EvalConfig, model: torch.nn.Module) -> None:
@@ -148,6 +226,8 @@ def run_comparison(
     resolve(cfg.device, cfg.dtype)  # CUDA that is not here, a dtype the device cannot run: one line, nothing loaded
     if model is not None:
         _check_placement(cfg, model)
+        if tokenizer is None:
+            raise ValueError("pass the tokenizer together with the model")
     if write:
         from ..outputs import EVAL_KIND, check_output_dir
 
@@ -155,11 +235,14 @@ def run_comparison(
     skip = check_variants(cfg)
     for reason in skip.values():
         logger.warning("%s: skipping it (missing=skip)", reason)
+    domains: dict[str, tuple[torch.Tensor, str]] = {}
+    if cfg.perplexity.domains or cfg.uptrained:
+        checking_tok = tokenizer if tokenizer is not None else _load_tokenizer(cfg)
+        _check_uptrained(cfg, checking_tok)
+        domains = check_domains(cfg, checking_tok)
     torch.manual_seed(cfg.seed)
     if model is None:
         model, tokenizer = _load(cfg)
-    elif tokenizer is None:
-        raise ValueError("pass the tokenizer together with the model")
     model.eval()
     _check_lengths(cfg, model)
 
@@ -175,8 +258,10 @@ def run_comparison(
     kept: dict[str, torch.nn.Module] = {}  # spec -> model awaiting the (interleaved) speed phase
     from ..specs import format_variant
 
-    for name, opts in cfg.variant_specs():
-        spec = format_variant(name, opts)
+    rows = [(format_variant(n, o), n, o, None) for n, o in cfg.variant_specs()]
+    rows += [(_uptrained_label(folder, spec), UPTRAINED, {"checkpoint": folder, "converted": spec}, folder)
+             for folder, spec in cfg.uptrained.items()]
+    for spec, name, opts, folder in rows:
         if spec in skip:
             records.append(_skipped(spec, name, opts, "skipped", skip[spec]))
             continue
@@ -184,7 +269,9 @@ def run_comparison(
         t0 = time.perf_counter()
         work = model
         try:
-            if name != BASELINE:
+            if folder is not None:
+                work = _load_checkpoint(cfg, folder)
+            elif name != BASELINE:
                 from ..api import swap_attention
 
                 work = copy.deepcopy(model)
@@ -192,8 +279,10 @@ def run_comparison(
                 with num_threads(cfg.eval_threads):
                     swap_attention(work, name, **kw, **opts)
             convert_s = time.perf_counter() - t0
-            rec = _quality(cfg, work, tokenizer, ids, span)
+            rec = _quality(cfg, work, tokenizer, ids, span, domains)
             rec.update(variant=spec, name=name, options=opts, status="ok", reason="", convert_s=round(convert_s, 2))
+            if folder is not None:
+                rec.update(trained=True, load_s=rec.pop("convert_s"))
             if cfg.speed.interleave:
                 kept[spec] = work
             else:
@@ -224,6 +313,7 @@ def run_comparison(
     from .notes import annotate
 
     annotate(records, cfg, model)
+    _add_recovery(records)
     runtime = time.perf_counter() - t_start
     with num_threads(cfg.speed.threads):
         env = environment(model)
@@ -239,8 +329,11 @@ def run_comparison(
         "eval_tokens_total": int(ids.numel()) * sum(r["status"] == "ok" for r in records),
         "registered_variants": _registered(),
         # code revision, versions, machine, exact weights and text of this run
-        "provenance": provenance(models=[model], corpora=[p.corpus, cfg.calibration.corpus or p.corpus]),
+        "provenance": provenance(models=[model, *cfg.uptrained],
+                                 corpora=[p.corpus, cfg.calibration.corpus or p.corpus, *domains]),
     }
+    if domains:
+        meta["domain_tokens"] = {name: int(d_ids.numel()) for name, (d_ids, _) in domains.items()}
     from .perplexity import NORMALISATION
 
     meta["normalisation"] = NORMALISATION
@@ -291,13 +384,66 @@ def _calibration(cfg: EvalConfig, tokenizer: Any) -> torch.Tensor:
     return ids[: rows * c.block].view(rows, c.block)
 
 
+UPTRAINED = "uptrained"
+
+
+def _uptrained_label(folder: str, spec: str) -> str:
+    return f"{spec}, uptrained ({folder})"
+
+
+def _load_checkpoint(cfg: EvalConfig, folder: str) -> torch.nn.Module:
+    """An uptrained checkpoint, loaded like the baseline (a save_swapped folder replays its swap)."""
+    from ..devices import resolve
+    from ..zoo import load_model
+
+    device, dtype = resolve(cfg.device, cfg.dtype)
+    work, _ = load_model(folder, dtype=dtype)
+    return work.to(device=device, dtype=dtype).eval()
+
+
+def _add_recovery(records: list[dict[str, Any]]) -> None:
+    """``recovery`` (main corpus) and ``domain_recovery`` of every uptrained row: the share of the log-perplexity gap
+    between the baseline and its untrained conversion that the checkpoint won back (1 = all of it, 0 = none, < 0:
+    worse than the conversion), per text."""
+    base = records[0]
+    by_spec = {r["variant"]: r for r in records}
+    for rec in records:
+        if rec.get("name") != UPTRAINED or rec.get("status") != "ok":
+            continue
+        spec = rec["options"]["converted"]
+        conv = by_spec.get(spec) or {}
+        if conv.get("status") != "ok":
+            rec["recovery"] = None
+            rec["notes"].append(f"no recovery: its untrained conversion {spec} was not measured ({conv.get('status')})")
+            continue
+        rec["recovery"] = _recovery(base["perplexity"], conv["perplexity"], rec["perplexity"])
+        if "domain_perplexity" in rec:
+            rec["domain_recovery"] = {
+                d: _recovery(base["domain_perplexity"][d], conv["domain_perplexity"][d], ppl)
+                for d, ppl in rec["domain_perplexity"].items()
+            }
+        share = "undefined (no gap)" if rec["recovery"] is None else f"{rec['recovery']:.3f}"
+        rec["notes"].append(f"uptrained from {spec} (its untrained row): recovery of the log-perplexity gap {share} "
+                            "on the main corpus")
+
+
+def _recovery(original: float, converted: float, uptrained: float) -> float | None:
+    """log_gap_recovery, None where the conversion lost nothing (no gap to win back): JSON has no NaN."""
+    from ..train.pipeline import log_gap_recovery
+
+    share = log_gap_recovery(original, converted, uptrained)
+    return None if math.isnan(share) else share
+
+
 def _skipped(spec: str, name: str, opts: dict[str, Any], status: str, reason: str) -> dict[str, Any]:
     return {"variant": spec, "name": name, "options": opts, "status": status, "reason": reason, "notes": [reason]}
 
 
-def _quality(cfg: EvalConfig, model: torch.nn.Module, tokenizer: Any, ids: torch.Tensor, span: str) -> dict[str, Any]:
-    """Perplexity and passkey of one model (peak memory measured around the passkey probe: prefill + cached decode
-    of ``passkey.batch_size`` prompts of the longest length; around perplexity if the probe is off)."""
+def _quality(cfg: EvalConfig, model: torch.nn.Module, tokenizer: Any, ids: torch.Tensor, span: str,
+             domains: dict[str, tuple[torch.Tensor, str]] | None = None) -> dict[str, Any]:
+    """Perplexity (main corpus, then each domain of :func:`check_domains`) and passkey of one model (peak memory
+    measured around the passkey probe: prefill + cached decode of ``passkey.batch_size`` prompts of the longest
+    length; around the main perplexity if the probe is off)."""
     from .memory import PeakMemory
     from .passkey import passkey_accuracy
     from .perplexity import perplexity
@@ -315,6 +461,21 @@ def _quality(cfg: EvalConfig, model: torch.nn.Module, tokenizer: Any, ids: torch
     rec["ppl_detail"] = ppl.to_dict()
     rec["ppl_s"] = round(time.perf_counter() - t0, 1)
     logger.info("  perplexity %.3f (%d tokens) in %.1f s", ppl.token_ppl, ppl.n_tokens, rec["ppl_s"])
+    if domains:
+        t0 = time.perf_counter()
+        per: dict[str, Any] = {}
+        with num_threads(cfg.eval_threads):
+            for name, (d_ids, d_span) in domains.items():
+                if name == p.corpus and p.split == "validation":
+                    per[name] = ppl  # the main corpus's validation split: the same ids, measured just above
+                else:
+                    per[name] = perplexity(model, d_ids, context=p.context, stride=p.stride,
+                                           batch_size=p.batch_size, text=d_span, progress=cfg.progress)
+        rec["domain_perplexity"] = {n: r.token_ppl for n, r in per.items()}
+        rec["domain_bits_per_byte"] = {n: r.bits_per_byte for n, r in per.items()}
+        rec["domain_ppl_s"] = round(time.perf_counter() - t0, 1)
+        logger.info("  perplexity per domain: %s in %.1f s",
+                    ", ".join(f"{n} {r.token_ppl:.3f}" for n, r in per.items()), rec["domain_ppl_s"])
     phase = "perplexity"
     if k.enabled:
         t0 = time.perf_counter()
@@ -407,6 +568,7 @@ __all__ = [
     "PerplexitySection",
     "SpeedSection",
     "apply_overrides",
+    "check_domains",
     "check_variants",
     "load_config",
     "run_comparison",

@@ -54,6 +54,9 @@ class PerplexitySection:
     stride: int | None = opt(None, min=1, aliases=("stride",),
                              help="new tokens scored per window (null = context: consecutive windows share one token)")
     batch_size: int = opt(4, min=1, aliases=("batch_size",), help="windows per forward")
+    domains: list[str] = opt(default_factory=list, empty=True, aliases=("domains",), help=(
+        "more held-out texts: corpus names (hf_attn_swap.data.list_corpora()) or .txt files / directories; every "
+        "variant's perplexity on each one's VALIDATION split, same context, stride and max_tokens (empty = none)"))
 
     def __post_init__(self) -> None:
         check_fields(self, "perplexity")
@@ -146,6 +149,10 @@ class EvalConfig:
     calibration: CalibrationSection = opt(default_factory=CalibrationSection, help="calibration options")
     speed: SpeedSection = opt(default_factory=SpeedSection, help="speed and KV-memory options")
     passkey: PasskeySection = opt(default_factory=PasskeySection, help="passkey-retrieval options")
+    uptrained: dict[str, str] = opt(default_factory=dict, help=(
+        "uptrained checkpoints evaluated as extra rows, {folder: the variant spec its training started from}, e.g. "
+        "{out/uptrain/final: 'mqa:strategy=fit'}; that spec must be in variants (its untrained row): each gets "
+        "recovery (and domain_recovery), the share of the log-perplexity gap it won back"))
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -153,6 +160,20 @@ class EvalConfig:
             raise ConfigError("model must be a short name or a path, got ''")
         self.variants = [parse_variants(v) for v in self.variants]  # one item may hold several specs
         self.variants = [v for group in self.variants for v in group]
+        self.uptrained = {str(k): format_spec(v) for k, v in self.uptrained.items()}
+        self._check_uptrained()
+
+    def _check_uptrained(self) -> None:
+        """Each uptrained checkpoint's starting conversion must be a row too: recovery is measured against it."""
+        from ..specs import format_variant
+
+        known = [format_variant(n, o) for n, o in self.variant_specs()]
+        for folder, spec in self.uptrained.items():
+            if spec not in known[1:]:
+                raise ConfigError(
+                    f"uptrained: {folder!r} names {spec!r} as its untrained conversion, which is not one of the "
+                    f"variants ({', '.join(known[1:]) or 'none'}); add it to variants so that recovery can be measured"
+                )
 
     def variant_specs(self) -> list[tuple[str, dict[str, Any]]]:
         """``[(name, options), ...]`` with ``baseline`` first."""
@@ -168,6 +189,14 @@ class EvalConfig:
     def from_dict(cls, data: dict[str, Any]) -> EvalConfig:
         """Build and validate; unknown keys raise :class:`ConfigError` with the closest valid name."""
         return cliconfig.from_dict(cls, data)
+
+
+def format_spec(text: str) -> str:
+    """One variant spec in the canonical form :meth:`EvalConfig.variant_specs` uses (``"mqa:strategy=fit"``)."""
+    specs = parse_variants(str(text))
+    if len(specs) != 1:
+        raise ConfigError(f"expected one variant spec, got {text!r}")
+    return specs[0]
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -135,7 +135,7 @@ VARIANT_NOTES: dict[str, Callable[[dict[str, Any], dict[str, Any], Any], list[st
 def annotate(records: list[dict[str, Any]], cfg: Any, model: Any = None) -> None:
     """Add ratios vs the baseline (first record), significance flags and notes to every ``ok`` record, in place.
 
-    Fields added: ``ppl_delta``, ``ppl_ratio``, ``prefill_speedup`` (baseline ms / variant ms at the headline
+    Fields added: ``ppl_delta``, ``ppl_ratio``, ``domain_ppl_ratio`` (with ``domain_perplexity``), ``prefill_speedup`` (baseline ms / variant ms at the headline
     length), ``prefill_significant``, ``decode_speedup`` (variant tokens/s / baseline tokens/s at the headline cell),
     ``decode_significant``, ``kv_ratio``, ``kv_analytic_match``, ``passkey_delta``, per-cell ``speedup`` in ``prefill``
     and ``decode``, and ``notes``.
@@ -149,6 +149,9 @@ def annotate(records: list[dict[str, Any]], cfg: Any, model: Any = None) -> None
         notes: list[str] = []
         rec["ppl_delta"] = rec["perplexity"] - base["perplexity"]
         rec["ppl_ratio"] = _ratio(rec["perplexity"], base["perplexity"])
+        if "domain_perplexity" in rec:  # perplexity.domains: the same ratio on each held-out text
+            base_dom = base.get("domain_perplexity") or {}
+            rec["domain_ppl_ratio"] = {d: _ratio(v, base_dom.get(d)) for d, v in rec["domain_perplexity"].items()}
         rec["kv_ratio"] = _ratio(rec["kv_bytes"], base["kv_bytes"])
         pk, bpk = rec.get("passkey_accuracy"), base.get("passkey_accuracy")
         rec["passkey_delta"] = None if pk is None or bpk is None else pk - bpk

@@ -8,6 +8,8 @@ Record fields (``ok`` records; ``skipped``/``error`` ones carry ``variant``, ``s
 ``decode_context``, ``decode_batch``), ``decode_speedup``, ``*_significant``, ``kv_bytes`` (measured, at ``kv_tokens``),
 ``kv_bytes_analytic``, ``kv_ratio``, ``passkey_accuracy``, ``passkey`` (per cell), ``peak_mem_*``, ``env`` (device,
 dtype, threads, versions), ``notes``, per-cell ``prefill``/``decode`` lists, timings of each phase.
+With ``perplexity.domains``: ``domain_perplexity`` and ``domain_ppl_ratio`` (``{domain: value}``; CSV columns
+``ppl_<domain>``, ``ppl_ratio_<domain>``); uptrained rows also ``recovery`` and ``domain_recovery``.
 """
 
 from __future__ import annotations
@@ -65,6 +67,11 @@ def flat_row(rec: dict[str, Any]) -> dict[str, Any]:
         row[f"decode_tps_c{c['context']}_b{c['batch']}"] = c["tokens_per_s"]
     for cell, acc in (rec.get("passkey") or {}).items():
         row[f"passkey_{cell}"] = acc
+    if "recovery" in rec:
+        row["recovery"] = rec["recovery"]
+    for prefix, key in (("ppl", "domain_perplexity"), ("ppl_ratio", "domain_ppl_ratio"), ("recovery", "domain_recovery")):
+        for domain, v in (rec.get(key) or {}).items():
+            row[f"{prefix}_{domain}"] = v
     return row
 
 
@@ -141,6 +148,9 @@ def markdown(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"Total runtime {meta.get('runtime_s')} s.",
         "",
     ]
+    if meta.get("domain_tokens"):
+        lines += ["Perplexity per domain: the validation split of each, same context and stride; tokens: "
+                  + ", ".join(f"`{d}` {n}" for d, n in meta["domain_tokens"].items()) + ".", ""]
     pl = base.get("prefill_length")
     dc, db = base.get("decode_context"), base.get("decode_batch")
     kt = base.get("kv_tokens")
@@ -198,6 +208,8 @@ def markdown(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             lines.append(f"| {r['variant']} | " + " | ".join(vals) + " |")
         lines.append("")
 
+    lines += domain_tables(ok)
+
     pk_cells = list((ok[0].get("passkey") or {}).keys()) if ok else []
     if pk_cells:
         lines += ["## Passkey retrieval accuracy (length@depth)", ""]
@@ -223,6 +235,34 @@ def markdown(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def domain_tables(ok: list[dict[str, Any]]) -> list[str]:
+    """"Perplexity per domain" (every variant on each ``perplexity.domains`` text, ratio to the baseline) and, when
+    uptrained checkpoints were evaluated, "Recovery per domain"; no lines without domains."""
+    domains = list((ok[0].get("domain_perplexity") or {}).keys()) if ok else []
+    if not domains:
+        return []
+    lines = ["## Perplexity per domain (validation splits; ratio to baseline)", "",
+             "| variant | " + " | ".join(domains) + " |", "|---|" + "---:|" * len(domains)]
+    for r in ok:
+        ppl, ratio = r.get("domain_perplexity") or {}, r.get("domain_ppl_ratio") or {}
+        cells = [_ppl(ppl.get(d)) + ("" if r is ok[0] or ratio.get(d) is None else f" ({ratio[d]:.2f}x)")
+                 for d in domains]
+        lines.append(f"| {r['variant']} | " + " | ".join(cells) + " |")
+    lines.append("")
+    uptrained = [r for r in ok if r.get("domain_recovery") is not None]
+    if uptrained:
+        lines += ["## Recovery per domain", "",
+                  "Share of the log-perplexity gap between the baseline and the untrained conversion that the "
+                  "uptrained checkpoint won back (1 = all, 0 = none, negative = worse than the conversion).", "",
+                  "| checkpoint | main corpus | " + " | ".join(domains) + " |", "|---|---:|" + "---:|" * len(domains)]
+        for r in uptrained:
+            rec = r["domain_recovery"]
+            lines.append(f"| {r['variant']} | {_num(r.get('recovery'), '{:.3f}')} | "
+                         + " | ".join(_num(rec.get(d), "{:.3f}") for d in domains) + " |")
+        lines.append("")
+    return lines
 
 
 def provenance_lines(prov: dict[str, Any] | None) -> list[str]:
@@ -267,4 +307,4 @@ def write_reports(records: list[dict[str, Any]], meta: dict[str, Any], out: str 
     return paths
 
 
-__all__ = ["CSV_FIELDS", "flat_row", "markdown", "pareto_front", "plot_pareto", "provenance_lines", "write_reports"]
+__all__ = ["CSV_FIELDS", "domain_tables", "flat_row", "markdown", "pareto_front", "plot_pareto", "provenance_lines", "write_reports"]
