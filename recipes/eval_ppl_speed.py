@@ -3,6 +3,7 @@
 
     python recipes/eval_ppl_speed.py --config recipes/configs/eval_default.yaml
     python recipes/eval_ppl_speed.py --config recipes/configs/eval_quick.yaml perplexity.max_tokens=1024 speed.threads=2
+    python recipes/eval_ppl_speed.py --config recipes/configs/eval_domains.yaml   # + perplexity on every corpus
     python recipes/eval_ppl_speed.py --help          # every option with its type and default
 
 Options come from the same typed config as ``hf-attn-swap eval`` (:class:`hf_attn_swap.eval.config.EvalConfig`):
@@ -45,6 +46,12 @@ def main(argv: list[str] | None = None) -> int:
         if r["status"] == "ok":
             print(f"{r['variant']:32s} ppl {r['perplexity']:10.3f}  decode {r['decode_tokens_per_s']:8.1f} tok/s  "
                   f"kv {r['kv_bytes'] / 2**20:7.2f} MiB  passkey {r.get('passkey_accuracy')}")
+            if r.get("domain_ppl_ratio"):  # perplexity.domains: ratio to the baseline on each held-out text
+                print("    per domain: " + ", ".join(f"{d} {v:.3g} ({x:.2f}x)" for (d, v), x in
+                                                  zip(r["domain_perplexity"].items(), r["domain_ppl_ratio"].values())))
+            if r.get("recovery") is not None:
+                print(f"    recovery {r['recovery']:.3f}" + "".join(
+                    f", {d} {'-' if v is None else f'{v:.3f}'}" for d, v in (r.get("domain_recovery") or {}).items()))
         else:
             print(f"{r['variant']:32s} {r['status']}: {r['reason']}")
     print(f"outputs in {cfg.out} ({time.perf_counter() - start:.0f} s)")

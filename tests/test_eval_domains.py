@@ -63,16 +63,19 @@ def _ids(tok, name: str) -> torch.Tensor:
     return tokenize(tok, load_text(name, split="validation"), MAX_TOKENS)
 
 
-def test_domain_perplexity_ratios_and_recovery(domain_dir, tmp_path):
+def test_domain_perplexity_ratios_and_recovery(domain_dir, tmp_path, capsys):
+    from test_eval_recipe import _recipe
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hf_attn_swap import readme, swap_attention
 
     sea, ckpt, out = str(domain_dir / "sea.txt"), str(domain_dir / "uptrained"), tmp_path / "run"
     domains = [sea, "kjv", str(domain_dir / "corpus.txt")]  # two local files and a real corpus by name
-    cfg = load_config(None, _args(domain_dir, out, **{"perplexity.domains": f"[{','.join(domains)}]",
-                                                     "uptrained": f"{{{ckpt}: 'gqa:groups=2'}}"}))
-    records = run_comparison(cfg)
+    args = _args(domain_dir, out, **{"perplexity.domains": f"[{','.join(domains)}]", "plot": "true",
+                                     "uptrained": f"{{{ckpt}: 'gqa:groups=2'}}"})
+    assert _recipe().main(args) == 0
+    printed = capsys.readouterr().out
+    records = json.loads((out / "results.json").read_text())
     assert [r["variant"] for r in records] == ["baseline", "gqa:groups=2", f"gqa:groups=2, uptrained ({ckpt})"]
     assert all(r["status"] == "ok" for r in records), [r.get("reason") for r in records]
 
@@ -111,8 +114,10 @@ def test_domain_perplexity_ratios_and_recovery(domain_dir, tmp_path):
     assert up["domain_recovery"][domains[2]] > up["domain_recovery"][sea]
 
     # the reports carry the same numbers
-    saved = json.loads((out / "results.json").read_text())
-    assert saved[2]["domain_recovery"] == pytest.approx(up["domain_recovery"])
+    kjv_conv = conv["domain_perplexity"]["kjv"]
+    assert f"kjv {kjv_conv:.3g} ({conv['domain_ppl_ratio']['kjv']:.2f}x)" in printed
+    assert f"    recovery {up['recovery']:.3f}, {sea} {up['domain_recovery'][sea]:.3f}, kjv" in printed
+    assert (out / "pareto.png").is_file()
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert float(rows[1]["ppl_kjv"]) == pytest.approx(conv["domain_perplexity"]["kjv"], rel=1e-5)
     assert float(rows[1]["ppl_ratio_kjv"]) == pytest.approx(conv["domain_ppl_ratio"]["kjv"], rel=1e-5)
@@ -121,8 +126,7 @@ def test_domain_perplexity_ratios_and_recovery(domain_dir, tmp_path):
     md = (out / "results.md").read_text()
     table = md[md.index("## Perplexity per domain"):]
     assert "| variant | " + " | ".join(domains) + " |" in table
-    kjv = conv["domain_perplexity"]["kjv"]
-    assert f"{kjv:.2f} ({conv['domain_ppl_ratio']['kjv']:.2f}x)" in table.splitlines()[5]
+    assert f"{kjv_conv:.2f} ({conv['domain_ppl_ratio']['kjv']:.2f}x)" in table.splitlines()[5]
     recovery = md[md.index("## Recovery per domain"):]
     assert f"| {up['variant']} | {up['recovery']:.3f} | " + " | ".join(
         f"{up['domain_recovery'][d]:.3f}" for d in domains) + " |" in recovery
