@@ -215,8 +215,8 @@ def run_comparison(
         One record per variant (baseline first); see :mod:`hf_attn_swap.eval.report` for the fields.
 
     Raises:
-        ValueError: invalid variants/options or an ``cfg.out`` it may not write (both before loading), an empty
-            corpus, lengths beyond the model's context.
+        ValueError: invalid variants/options, domains (:func:`check_domains`), uptrained folders, or an ``cfg.out``
+            it may not write (all before loading a model), an empty corpus, lengths beyond the model's context.
     """
     from ..data import load_text, tokenize
     from ..devices import resolve
