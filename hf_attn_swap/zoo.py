@@ -142,11 +142,14 @@ def resolve_model(name_or_path: str | os.PathLike[str]) -> Path | str:
             f"Unknown model {name!r}: it is not a local directory and not one of the known short names "
             f"{list_models()}. Hub ids like 'org/name' work only where the Hugging Face Hub is reachable."
         )
-    dest = cache_dir() / "models" / entry.name
     if entry.format == "pretrain":
+        from .train.pretrain import checkpoint_dir  # cache_dir()/models/<name>, like the entries below
+
+        dest = checkpoint_dir(entry.name)
         if not (dest / "config.json").is_file():
             _pretrain(entry)
         return dest
+    dest = cache_dir() / "models" / entry.name
     if not (dest / "config.json").is_file():
         start = time.perf_counter()
         atomic_dir(dest, lambda tmp: _build(entry, tmp))

@@ -39,9 +39,10 @@ logger = logging.getLogger(__name__)
 
 #: file in the checkpoint folder with the run's figures (perplexity curve, tokens, FLOPs, CPU seconds, provenance).
 RESULT_FILE = "pretrain_result.json"
-#: measured on the 2-core machine of this project, 1 thread, for the default shape; only for the cost estimate logged
+#: measured on the 2-core machine of this project, 1 thread, default shape (results/pretrain_mha_5min.md: ~265 tokens
+#: per CPU-second between evaluations); only for the cost estimate logged
 #: before a run starts (the run records its real CPU seconds).
-TOKENS_PER_CPU_SECOND = 200.0
+TOKENS_PER_CPU_SECOND = 260.0
 
 
 @dataclass
