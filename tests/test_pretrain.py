@@ -167,3 +167,17 @@ def test_pretrain_recipe_writes_its_report(cache, tmp_path, capsys):
     assert recipe.main(["--config", str(ROOT / "recipes/configs/pretrain_micro.yaml"), "num_heads=3"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "num_heads=3 does not divide hidden_size=32" in err
+
+
+@pytest.mark.parametrize("recipe, flags", [("pretrain_mha.py", ["--num-heads", "--corpora", "--tokens"]),
+                                           ("gqa_paper.py", ["--kv-heads", "--alphas", "--strategies"])])
+def test_recipe_help_lists_the_config_without_importing_torch(recipe, flags):
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-X", "importtime", str(ROOT / "recipes" / recipe), "--help"],
+                          capture_output=True, text=True, cwd=ROOT, check=True,
+                          env={**os.environ, "COLUMNS": "300", "PYTHONPATH": str(ROOT)})
+    assert all(f + " " in proc.stdout for f in flags)
+    assert not [line for line in proc.stderr.splitlines() if line.rstrip().endswith(("| torch", "| transformers"))]
