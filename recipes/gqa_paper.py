@@ -58,7 +58,8 @@ class GqaPaperConfig:
     objectives: list[str] = opt(default_factory=lambda: list(OBJECTIVES), choices=OBJECTIVES,
                                 help="paper (LM loss, all weights) and/or package (per-layer transfer + distillation)")
     paper_lr: float = opt(3e-4, gt=0, help="peak learning rate of the paper objective")
-    layerwise_share: float = opt(0.25, min=0, max=1, help="package objective: share of the budget for the per-layer stage")
+    layerwise_share: float = opt(0.25, min=0, max=1,
+                                 help="package objective: share of the budget for the per-layer stage")
     conversion_tokens: int = opt(4096, min=0, help="calibration tokens of the fit strategy")
     block_size: int = opt(256, min=2, help="tokens per uptraining sequence")
     batch_size: int = opt(8, min=1, help="sequences per uptraining step")
@@ -354,7 +355,8 @@ def findings(data: dict[str, Any]) -> list[dict[str, Any]]:
                 if _ppl(data, k, s, "package", ref) < _ppl(data, k, s, "paper", ref)]
         n = len(ks) * len(strategies)
         out.append({"claim": f"(this package) its recipe beats the paper's objective at alpha={ref:g}",
-                    "holds": len(wins) == n, "evidence": f"lower perplexity in {len(wins)} of {n} (KV, strategy) cells"})
+                    "holds": len(wins) == n,
+                    "evidence": f"lower perplexity in {len(wins)} of {n} (KV, strategy) cells"})
     return out
 
 

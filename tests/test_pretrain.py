@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from hf_attn_swap import fetch, zoo
 from hf_attn_swap.cliconfig import ConfigError

@@ -3,8 +3,8 @@
 No plain-MHA English causal LM ships in a package this machine can install (SmolLM2 is already GQA), so
 :func:`pretrain` trains one from scratch on the train splits of the shipped corpora and saves it as a vanilla
 transformers checkpoint (model + tokenizer) in the cache, where ``hf_attn_swap.zoo.load_model("mha-llama-30m")`` finds
-it. The run is a pure function of its config: same seed, same weights (data order, initialisation and the loop are
-seeded; the model has no dropout).
+it. The run is a pure function of its config: same seed (and thread count), same weights (data order, initialisation
+and the loop are seeded; the model has no dropout; CPU kernels are deterministic for a fixed thread count).
 
 Why a plain loop and not the HF ``Trainer``: the result must appear in the cache atomically (one rename of a complete
 folder), while the ``Trainer`` owns an ``output_dir`` of its own checkpoints; the loop here is short, counts tokens
@@ -304,14 +304,12 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
         ConfigError: a bad option, a vocabulary that does not match the tokenizer.
         ValueError: a corpus too small for one batch, a checkpoint already there without ``overwrite``.
     """
-    import torch
-
     dest = checkpoint_dir(cfg.name)
     if dest.exists() and not cfg.overwrite:
         raise ValueError(f"{dest} already holds a model called {cfg.name!r}; load it with "
                          f"hf_attn_swap.zoo.load_model({str(dest)!r}), or set overwrite=true to train it again")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    from ..eval.speed import num_threads
+
     tokenizer = load_tokenizer(cfg.tokenizer)
     vocab = check_vocab(cfg, tokenizer)
     blocks, held, stats = prepare_data(cfg, tokenizer)
@@ -322,7 +320,8 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
         save(model, tokenizer, result, folder)
         return result
 
-    return publish(dest, fill)
+    with num_threads(cfg.threads):  # the caller's thread count comes back afterwards (the zoo trains on first use)
+        return publish(dest, fill)
 
 
 def train(cfg: PretrainConfig, vocab: int, blocks: Any, held: dict[str, Any], stats: dict[str, Any]
