@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from hf_attn_swap import fetch
 from hf_attn_swap.cliconfig import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,8 +29,11 @@ gp = _recipe()
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
-    """The micro MHA model is trained into tmp_path/models, not the shared cache."""
-    monkeypatch.setattr(fetch, "cache_dir", lambda: tmp_path)
+    """The micro MHA model is trained into tmp_path/models, not the shared cache (corpora and tokenizer: the real
+    cache)."""
+    from hf_attn_swap.train import pretrain as pt
+
+    monkeypatch.setattr(pt, "checkpoint_dir", lambda name: tmp_path / "models" / name)
     return tmp_path
 
 

@@ -1,7 +1,7 @@
 """The MHA decoder pre-trained here (hf_attn_swap.train.pretrain, recipes/pretrain_mha.py, zoo entry mha-llama-30m).
 
 Every run here is a micro config (hidden 32, 2 layers, a few steps) with SmolLM2's real tokenizer and the real
-corpora; checkpoints go to a temporary cache (``fetch.cache_dir`` patched), never to the shared one.
+corpora; checkpoints go to a temporary folder (``checkpoint_dir`` patched), never to the shared cache.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_attn_swap import fetch, zoo
+from hf_attn_swap import zoo
 from hf_attn_swap.cliconfig import ConfigError
 from hf_attn_swap.train import pretrain as pt
 from hf_attn_swap.train.pretrain import PretrainConfig
@@ -27,8 +27,9 @@ MICRO = dict(name="micro-test", hidden_size=32, intermediate_size=64, num_layers
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
-    """Checkpoints into tmp_path/models; corpora and the SmolLM2 tokenizer still come from the real cache."""
-    monkeypatch.setattr(fetch, "cache_dir", lambda: tmp_path)
+    """Checkpoints into tmp_path/models; corpora and the SmolLM2 tokenizer still come from the real cache (only the
+    one function that places checkpoints is redirected, so nothing is ever fetched into tmp_path)."""
+    monkeypatch.setattr(pt, "checkpoint_dir", lambda name: tmp_path / "models" / name)
     return tmp_path
 
 
