@@ -230,6 +230,9 @@ def weights_summary(record: dict[str, Any]) -> str:
         return line + (f"; {record['conversion']}" if record.get("conversion") else "")
     if reg == "hub":
         return f"{record['repo_id']} from the Hugging Face Hub, revision {record.get('revision')}"
+    if reg == "trained":  # a model hf_attn_swap.train.pretrain trained here
+        digests = ", ".join(f"{k} sha256 {v[:12]}" for k, v in (record.get("weights_sha256") or {}).items())
+        return f"{record.get('name')} trained here at commit {(record.get('git') or {}).get('commit')} ({digests})"
     if reg == "local":
         digests = ", ".join(f"{k} sha256 {v[:12]}" for k, v in (record.get("weights_sha256") or {}).items())
         return f"local {record['path']} ({digests or 'no weights files'})"

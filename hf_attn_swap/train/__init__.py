@@ -3,6 +3,7 @@
 Public API::
 
     from hf_attn_swap.train import UptrainConfig, uptrain, layerwise_transfer, UptrainTrainer, select_trainable
+    from hf_attn_swap.train.pretrain import PretrainConfig, pretrain   # a small MHA decoder trained here
 """
 
 # Submodules load on first use (PEP 562): ``hf_attn_swap.train.config`` must import without torch, so that
@@ -21,6 +22,8 @@ _EXPORTS = {
     "distill_kl": "objectives",
     "lm_loss": "objectives",
     "UptrainResult": "pipeline",
+    "PretrainConfig": "pretrain",
+    "PretrainResult": "pretrain",
     "log_gap_recovery": "pipeline",
     "train_end_to_end": "pipeline",
     "uptrain": "pipeline",
@@ -43,6 +46,8 @@ __all__ = [
     "LayerStat",
     "LayerwiseResult",
     "PRETRAIN_TOKENS",
+    "PretrainConfig",
+    "PretrainResult",
     "StopAfterSeconds",
     "TRAINABLE",
     "UptrainConfig",
