@@ -156,10 +156,11 @@ def pydoc_topics(files: list[Path]) -> list[str]:
         One document per topic, in topic-name order; topics left empty by deduplication are omitted.
     """
     tree = ast.parse(files[0].read_text(encoding="utf-8"))
-    topics = next(
-        ast.literal_eval(node.value) for node in tree.body
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "topics" for t in node.targets)
-    )
+    assigned = [node.value for node in tree.body
+                if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "topics" for t in node.targets)]
+    if not assigned:
+        raise ValueError(f"{files[0]} assigns no `topics` dict: not a pydoc_data/topics.py this reader knows")
+    topics = ast.literal_eval(assigned[0])
     seen: set[str] = set()
     kept: dict[str, str] = {}
     for name in sorted(topics, key=lambda n: (-len(topics[n]), n)):  # containers before what they contain

@@ -82,7 +82,7 @@ CORPORA: dict[str, Corpus] = {
                "prose"),
         Corpus("python-docs", "python", "pydoc_data", "topics.py", "pydoc_topics", False,
                "Python language reference as help() shows it (CPython's pydoc_data/topics.py, repeated sections "
-               "dropped), 0.35 MB on 3.11; PSF License", "technical"),
+               "dropped), 0.34 MB on 3.11; PSF License", "technical"),
         Corpus("jargon", "debian", "jargon-text=4.4.7-4.1", "usr/share/doc/jargon-text/jargon.txt.gz", "jargon", False,
                "The Jargon File 4.4.7 (hacker lexicon, essays, folklore), 1.4 MB; public domain", "glossary"),
         Corpus("devils-dictionary", "debian", "dict-devil=1.0-13.1", "usr/share/dictd/devil.dict.dz", "dictd", False,

@@ -199,7 +199,8 @@ def _leftovers(cache) -> list[str]:
 
 def test_unreachable_debian_mirror_is_one_clear_error(empty_cache, tmp_path, monkeypatch):
     # apt-get as it answers when the mirror cannot be reached
-    _fake_apt_get(tmp_path / "bin", "echo 'E: Failed to fetch jargon-text  Temporary failure resolving' >&2\nexit 100\n")
+    _fake_apt_get(tmp_path / "bin", "echo 'E: Failed to fetch jargon-text  Temporary failure resolving' >&2\n"
+                                    "exit 100\n")
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
     with pytest.raises(FetchError) as err:
         data.load_text("jargon", "validation")
@@ -237,7 +238,7 @@ def test_damaged_download_leaves_no_folder_and_the_next_fetch_works(empty_cache,
 
 def test_without_apt_get_the_error_says_so(empty_cache, monkeypatch):
     monkeypatch.setattr(shutil, "which", lambda name: None)
-    with pytest.raises(FetchError, match=r"Debian package dict-devil=1\.0-13\.1: the `apt-get` command is not on PATH"):
+    with pytest.raises(FetchError, match=r"package dict-devil=1\.0-13\.1: the `apt-get` command is not on PATH"):
         data.load_documents("devils-dictionary")
     assert _leftovers(empty_cache) == []
 
