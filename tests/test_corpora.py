@@ -6,6 +6,7 @@ PyPI/npm ones (see test_zoo_data.py); python-docs ships with CPython.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import re
@@ -247,3 +248,10 @@ def test_readme_table_lists_every_corpus_with_its_domain():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     rows = dict(re.findall(r"^\| `([\w-]+)` \| (\w+) \|", readme, re.M))
     assert rows == {name: corpus.domain for name, corpus in data.CORPORA.items()}
+
+
+def test_eval_help_names_every_corpus():
+    from hf_attn_swap.eval.config import PerplexitySection
+
+    help_text = next(f for f in dataclasses.fields(PerplexitySection) if f.name == "corpus").metadata["help"]
+    assert all(name in help_text for name in data.list_corpora())
