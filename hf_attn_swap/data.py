@@ -270,7 +270,8 @@ def corpus_provenance(name_or_path: str | os.PathLike[str]) -> dict[str, Any]:
     if files:
         record["sha256"] = _files_digest(files, root)
     else:
-        record["reason"] = f"not fetched into {root} yet"
+        record["reason"] = (f"{root} is missing from this Python installation" if corpus.registry == "python"
+                            else f"not fetched into {root} yet")
     return record
 
 

@@ -255,3 +255,16 @@ def test_eval_help_names_every_corpus():
 
     help_text = next(f for f in dataclasses.fields(PerplexitySection) if f.name == "corpus").metadata["help"]
     assert all(name in help_text for name in data.list_corpora())
+
+
+def test_python_without_pydoc_data_says_what_to_do(tmp_path, monkeypatch):
+    import sysconfig
+
+    monkeypatch.setattr(sysconfig, "get_path", lambda name: str(tmp_path))  # a stdlib without pydoc_data/
+    data._named_documents.cache_clear()
+    try:
+        with pytest.raises(ValueError, match=r"reads .*pydoc_data, which this Python installation lacks.*'austen'"):
+            data.load_text("python-docs")
+        assert "missing from this Python installation" in data.corpus_provenance("python-docs")["reason"]
+    finally:
+        data._named_documents.cache_clear()
