@@ -140,7 +140,9 @@ def run_domains(config: str | Path, out: str | Path, *, command: str, reuse: boo
             logger.info("uptrain_domains: %s: reusing %s", name, path)
             result = previous
         elif not wanted:
-            raise DomainsError(f"run {name!r} is not selected by --only and {path} does not hold its current config")
+            logger.warning("uptrain_domains: %s: not selected by --only and %s does not hold its current config: left "
+                           "out of the report", name, path)
+            continue
         else:
             logger.info("uptrain_domains: %s: uptraining with %s", name, run["config"])
             result = uptrain(cfg, overwrite=True).to_dict()  # the configs' own run folders under runs/
