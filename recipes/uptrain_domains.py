@@ -1,6 +1,6 @@
 """Uptraining across domains: run each uptraining config, then report recovery per domain, held-out domain first.
 
-    python recipes/uptrain_domains.py --config recipes/configs/uptrain_domains.yaml
+    python recipes/uptrain_domains.py --config recipes/configs/domains.yaml
 
 For every run named in the config it writes what ``recipes/uptrain.py --results`` writes (``results/<run>.json`` and
 ``.md``), then ``results/uptrain_domains.{json,md,png}``: per run and domain the perplexity after every stage, the
@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default=str(ROOT / "recipes/configs/uptrain_domains.yaml"),
+    p.add_argument("--config", default=str(ROOT / "recipes/configs/domains.yaml"),
                    help="YAML: runs: [{name, config, results}], goals")
     p.add_argument("--out", default="results/uptrain_domains", help="report path without suffix")
     p.add_argument("--reuse", action="store_true", help="reuse a run's results JSON when its config matches")
