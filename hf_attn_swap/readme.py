@@ -121,13 +121,46 @@ def uptrain_table(r: dict[str, Any]) -> str:
         lines.append(f"| {c['stage']} | {c['ppl']:.2f} | {'-' if share is None else f'{share:.3f}'} | {c['tokens']} "
                      f"| {c['seconds']:.0f} |")
     rec = r.get("recovery")
-    lines += ["", f"Recovered share of the log-perplexity gap: {rec:.3f}" if rec is not None else "",
-              f"Tokens: {r['tokens']}, seconds: {r['seconds']:.0f}."]
+    where = f" on {r['eval_domain']}" if r.get("eval_domain") else ""
+    lines += ["", f"Recovered share of the log-perplexity gap{where}: {rec:.3f}" if rec is not None else "",
+              f"Tokens: {r['tokens']}, seconds: {r['seconds']:.0f}"
+              + (f", training CPU time {r['train_cpu_seconds'] / 60:.1f} min (evaluations excluded)."
+                 if r.get("train_cpu_seconds") else ".")]
+    if r.get("domains"):
+        lines += ["", domain_table(r)]
+    if r.get("mix_tokens"):
+        totals: dict[str, int] = {}
+        for per_source in r["mix_tokens"].values():
+            for k, v in per_source.items():
+                totals[k] = totals.get(k, 0) + v
+        lines += ["", "Training text (tokens over all stages): " + ", ".join(f"{k} {v:,}" for k, v in totals.items())
+                  + "."]
     prov = r.get("provenance")
     if prov:
         from .eval.report import provenance_lines
 
         lines += ["", *provenance_lines(prov)[2:-1]]
+    return "\n".join(lines)
+
+
+def domain_table(r: dict[str, Any]) -> str:
+    """Per-domain held-out perplexity after each stage and the recovered share of the log gap (uptraining results
+    with ``domains``), then the passkey accuracy after each stage when probed."""
+    stages = [c["stage"] for c in r["curve"]]
+    lines = ["| domain | held out | original | " + " | ".join(stages) + " | recovery | last / original |",
+             "|---|---|---:|" + "---:|" * len(stages) + "---:|---:|"]
+    for name, row in r["domains"].items():
+        cells = " | ".join(_ppl(row[s]) if s in row else "-" for s in stages)
+        rec = row.get("recovery")
+        last = row.get(stages[-1]) if stages else None
+        ratio = "-" if last is None else f"{last / row['original']:.2f}x"
+        lines.append(f"| {name} | {'**yes**' if row.get('held_out') else 'no'} | {_ppl(row['original'])} | {cells} | "
+                     f"{'-' if rec is None else f'{rec:.3f}'} | {ratio} |")
+    if r.get("passkey"):
+        cfg = r.get("config") or {}
+        lines += ["", f"Passkey retrieval (plain format, lengths {cfg.get('passkey_lengths')}, depths 0/0.5/1, "
+                  f"{cfg.get('passkey_trials')} keys each): "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in r["passkey"].items()) + "."]
     return "\n".join(lines)
 
 
@@ -151,8 +184,15 @@ def uptrain_goal(r: dict[str, Any], goal: float = 1.5) -> str:
 #: renderers a marker can name; each takes the loaded JSON and returns Markdown (one line = inline text).
 RENDERERS: dict[str, Callable[[Any], str]] = {
     "eval_summary": eval_summary, "eval_report": eval_report, "uptrain_table": uptrain_table,
-    "uptrain_goal": uptrain_goal,
+    "uptrain_goal": uptrain_goal, "domain_table": domain_table,
+    "uptrain_domains": lambda report: _domains_markdown(report),
 }
+
+
+def _domains_markdown(report: dict[str, Any]) -> str:
+    from .train.domains import markdown
+
+    return markdown(report)
 
 
 def _renderer(name: str, root: Path) -> Callable[[Any], str]:

@@ -13,14 +13,10 @@ unknown keys are refused with the closest valid name.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import platform
 import sys
-from pathlib import Path
 
 from hf_attn_swap.cliconfig import add_config_arguments, config_from_args
-from hf_attn_swap.readme import uptrain_table
 from hf_attn_swap.train.config import UptrainConfig
 
 
@@ -38,30 +34,17 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:  # unknown key, wrong type: one clear line
         print(f"uptrain: error: {err}", file=sys.stderr)
         return 2
-    import torch
-
     from hf_attn_swap.train import uptrain
 
     result = uptrain(cfg, resume=a.resume)
     from accelerate import PartialState
 
     if a.results and PartialState().is_main_process:  # under accelerate launch every process returns the figures
+        from hf_attn_swap.train.domains import write_run_results
+
         command = "python recipes/uptrain.py " + " ".join(sys.argv[1:] if argv is None else argv)
-        out = result.to_dict()
-        out["command"] = command
-        out["machine"] = {"cpu_threads": torch.get_num_threads(), "platform": platform.platform(),
-                          "torch": torch.__version__}
-        path = Path(a.results)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(out, indent=2) + "\n")
-        path.with_suffix(".md").write_text(markdown(out, path.name))
+        write_run_results(result.to_dict(), a.results, command)
     return 0
-
-
-def markdown(r: dict, json_name: str) -> str:
-    """The summary, marked as generated from ``json_name`` so ``python -m hf_attn_swap.readme --check`` keeps it
-    equal to the JSON (prose added under it by hand stays as written)."""
-    return f"<!-- generated: {json_name} uptrain_table -->\n{uptrain_table(r)}\n<!-- end generated -->\n"
 
 
 if __name__ == "__main__":

@@ -104,7 +104,7 @@ def test_bad_override_values_say_what_is_allowed(item, message):
 
 def test_yaml_1_1_floats_and_direct_construction_are_typed(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("lr: 1e-4\nlayerwise_lr: 3\ntokens: 100\n")  # YAML 1.1 reads 1e-4 as text
+    path.write_text("lr: 1e-4\nlayerwise_lr: 3\ntokens: 4096\n")  # YAML 1.1 reads 1e-4 as text
     cfg = UptrainConfig.load(path)
     assert cfg.lr == 1e-4 and isinstance(cfg.lr, float) and isinstance(cfg.layerwise_lr, float)
     with pytest.raises(ConfigError, match=r"speed.decode_contexts\[0\] must be int, got 'long'"):
@@ -115,13 +115,13 @@ def test_yaml_1_1_floats_and_direct_construction_are_typed(tmp_path):
 
 def test_precedence_defaults_file_flags_overrides(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("lr: 1.0e-3\ntokens: 500\nseed: 7\nthreads: 2\n")
-    argv = ["uptrain", "--config", str(path), "--lr", "2e-3", "--tokens", "600", "tokens=700"]
+    path.write_text("lr: 1.0e-3\ntokens: 5000\nseed: 7\nthreads: 2\n")
+    argv = ["uptrain", "--config", str(path), "--lr", "2e-3", "--tokens", "6000", "tokens=7000"]
     args = build_parser().parse_args(argv)
     cfg = config_from_args(UptrainConfig, args)
     assert cfg.seed == 7 and cfg.threads == 2  # file over defaults
     assert cfg.lr == 2e-3  # flag over file
-    assert cfg.tokens == 700  # trailing override over flag
+    assert cfg.tokens == 7000  # trailing override over flag
     assert cfg.kl_weight == UptrainConfig().kl_weight  # untouched default
     args = build_parser().parse_args(["eval", "--context", "128", "--speed.threads", "2", "--threads", "3",
                                       "--no-passkey", "--perplexity.max_tokens", "256"])

@@ -113,7 +113,7 @@ def test_nothing_to_train_is_an_error():
 
 # ---------------------------------------------------------------- config
 def test_config_round_trip_and_validation(tmp_path):
-    cfg = UptrainConfig(lr=3e-4, trainable="kv", tokens=1000)
+    cfg = UptrainConfig(lr=3e-4, trainable="kv", tokens=2048)
     for name in ("c.json", "c.yaml"):
         cfg.save(tmp_path / name)
         assert UptrainConfig.load(tmp_path / name) == cfg

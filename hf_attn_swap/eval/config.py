@@ -46,7 +46,8 @@ class PerplexitySection:
     """Perplexity: strided windows over the first max_tokens tokens of the corpus split."""
 
     corpus: str = opt("shakespeare", aliases=("corpus",), help=(
-        "corpus name (shakespeare, kjv, sotu; wikitext-2 where the Hub answers) or a local .txt file / directory"))
+        "corpus name (shakespeare, kjv, sotu, austen, python-docs, jargon, devils-dictionary; wikitext-2 where the "
+        "Hub answers) or a local .txt file / directory"))
     split: str = opt("validation", choices=("validation", "train", "all"), aliases=("split",),
                      help="corpus split scored for perplexity")
     max_tokens: int | None = opt(4096, min=2, aliases=("max_tokens",), help="tokens evaluated (null = whole split)")
@@ -54,7 +55,7 @@ class PerplexitySection:
     stride: int | None = opt(None, min=1, aliases=("stride",),
                              help="new tokens scored per window (null = context: consecutive windows share one token)")
     batch_size: int = opt(4, min=1, aliases=("batch_size",), help="windows per forward")
-    domains: list[str] = opt(default_factory=list, empty=True, aliases=("domains",), help=(
+    domains: list[str] = opt(default_factory=list, allow_empty=True, aliases=("domains",), help=(
         "more held-out texts: corpus names (hf_attn_swap.data.list_corpora()) or .txt files / directories; every "
         "variant's perplexity on each one's VALIDATION split, same context, stride and max_tokens (empty = none)"))
 

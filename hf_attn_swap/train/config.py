@@ -43,10 +43,21 @@ class UptrainConfig:
         "per-layer plan instead of variant: {layers: variant name or [name, {options}]}, e.g. "
         "{'0-14': [linear, {feature_map: hedgehog}], '15-': [sliding_window, {window: 64}]}"))
     conversion_tokens: int = opt(4096, min=0, help="calibration tokens for conversions that calibrate")
-    corpus: str = opt("shakespeare", help="training text: a corpus name, .txt file or directory")
-    eval_corpus: str | None = opt(None, help="held-out text (default: validation split of corpus)")
+    corpus: str = opt("shakespeare", help="training text: a corpus name, .txt file or directory (when mix is unset)")
+    mix: dict[str, float] | None = opt(None, help=(
+        "training text as {source: share}: corpus names, .txt paths, 'teacher' (text sampled from the teacher) and "
+        "'recall' (generated key-value recall over real text); every stage gets each source's share"))
+    held_out: list[str] = opt(default_factory=list, allow_empty=True, help=(
+        "corpora never trained on, evaluated per domain; the first is the headline (leave-one-domain-out)"))
+    eval_domains: list[str] | None = opt(None, help=(
+        "corpora evaluated one by one after every stage (default: the mix's corpora and the held-out ones)"))
+    eval_corpus: str | None = opt(None, help=(
+        "headline held-out text (default: the first held_out corpus, else the validation split of corpus)"))
     eval_windows: int = opt(8, min=0, help="held-out windows of eval_context tokens (0 = no evaluation)")
     eval_context: int = opt(512, min=1, help="tokens per held-out window")
+    passkey_lengths: list[int] = opt(default_factory=list, min=16, allow_empty=True, help=(
+        "passkey probe lengths measured after every stage (plain format, depths 0/0.5/1; empty = no probe)"))
+    passkey_trials: int = opt(3, min=1, help="pass keys per (length, depth) cell")
 
     # ---- stage 1: per-layer attention-output matching
     layerwise_tokens: int = opt(16384, min=0, help="calibration tokens for the per-layer stage (0 = skip)")
@@ -102,6 +113,28 @@ class UptrainConfig:
             raise ConfigError("nothing to train: layerwise_tokens and the end-to-end budget (tokens/alpha) are both 0")
         if self.end_to_end and self.lm_weight + self.kl_weight + self.attn_weight == 0:
             raise ConfigError("all objective weights are 0: set lm_weight, kl_weight or attn_weight")
+        if self.mix is not None:
+            if not self.mix:
+                raise ConfigError("mix must name at least one source {source: share}; or leave it unset to train on "
+                                  "corpus")
+            bad = {k: v for k, v in self.mix.items() if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0}
+            if bad:
+                raise ConfigError(f"every share in mix must be a positive number, got {bad}")
+        if self.mix and "recall" in self.mix and self.block_size < 128:
+            raise ConfigError(f"recall rows need block_size >= 128 to hold their facts and filler, got {self.block_size}")
+        trained = set(self.mix) if self.mix else {self.corpus}
+        both = sorted(trained & set(self.held_out))
+        if both:
+            raise ConfigError(f"{', '.join(both)} is both trained on and held out: a held-out domain must never enter "
+                              "the training text; remove it from held_out or from the mix/corpus")
+        if self.layerwise_tokens and self.layerwise_tokens < self.block_size * self.layerwise_rows:
+            raise ConfigError(f"layerwise_tokens={self.layerwise_tokens} is less than one per-layer step "
+                              f"(layerwise_rows * block_size = {self.layerwise_rows * self.block_size}); raise it or set "
+                              "0 to skip the stage")
+        step = self.block_size * self.batch_size * self.grad_accum
+        if self.tokens and self.tokens < step:
+            raise ConfigError(f"tokens={self.tokens} is less than one end-to-end step (block_size * batch_size * "
+                              f"grad_accum = {step}); raise it or set 0 to skip the stage")
         if self.plan is not None and not self.plan:
             raise ConfigError("plan must be a non-empty mapping {layers: variant or [variant, {options}]}")
         # Names only (torch-free, like the rest of this module); devices.resolve probes the dtype before loading.

@@ -36,6 +36,12 @@ class CurvePoint:
     tokens: int
     seconds: float
     cpu_seconds: float = 0.0
+    #: CPU time spent training (conversion included), without the evaluations: the recipe's cost.
+    train_cpu_seconds: float = 0.0
+    #: held-out perplexity per evaluated domain.
+    domains: dict[str, float] = field(default_factory=dict)
+    #: passkey retrieval accuracy (None: not probed).
+    passkey: float | None = None
 
 
 @dataclass
@@ -50,7 +56,17 @@ class UptrainResult:
     #: CPU time of this process (all threads): what the run costs on an otherwise idle machine, whatever else ran.
     cpu_seconds: float = 0.0
     recovery: float | None = None
+    #: the headline domain (eval_corpus, else the first held-out corpus, else the training corpus).
+    eval_domain: str | None = None
+    #: CPU time without the evaluations (what the recipe costs to train).
+    train_cpu_seconds: float = 0.0
     curve: list[CurvePoint] = field(default_factory=list)
+    #: per evaluated domain: ``original``, ``converted``, each stage's perplexity, ``recovery``, ``held_out``.
+    domains: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: passkey accuracy of the original and after each stage ({} when not probed), and the original's cells.
+    passkey: dict[str, Any] = field(default_factory=dict)
+    #: training tokens per stage and source ({stage: {source: tokens}}).
+    mix_tokens: dict[str, dict[str, int]] = field(default_factory=dict)
     layerwise: dict[str, Any] | None = None
     train_log: list[dict[str, Any]] = field(default_factory=list)
     eval_tokens: int = 0
@@ -89,49 +105,64 @@ def _ppl(model: nn.Module, ids: torch.Tensor | None, cfg: UptrainConfig) -> floa
     return perplexity(model, ids, context=cfg.eval_context, batch_size=4, progress=cfg.progress).token_ppl
 
 
-def prepare_data(cfg: UptrainConfig, tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Token blocks for conversion calibration, the per-layer stage and the end-to-end stage (disjoint slices of the
-    training split, in that order), and the held-out ids (validation split).
+@dataclass
+class PreparedData:
+    """The token blocks of every stage and the evaluation ids, all decided before any training."""
+
+    calib: torch.Tensor
+    layerwise: torch.Tensor
+    end_to_end: torch.Tensor
+    #: the headline held-out ids (None: no evaluation).
+    held: torch.Tensor | None
+    #: the headline's name (a corpus or path).
+    held_name: str | None = None
+    #: validation ids of every evaluated domain.
+    domains: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: tokens each source gave each stage.
+    mix_tokens: dict[str, dict[str, int]] = field(default_factory=dict)
+    sampling_seconds: float = 0.0
+
+
+def headline_domain(cfg: UptrainConfig) -> str:
+    """The corpus whose validation split gives the headline figures: ``eval_corpus``, else the first held-out domain,
+    else the single training corpus (or the mix's first corpus)."""
+    from .mix import GENERATED, mix_of
+
+    if cfg.eval_corpus:
+        return cfg.eval_corpus
+    if cfg.held_out:
+        return cfg.held_out[0]
+    return next(k for k in mix_of(cfg) if k not in GENERATED)
+
+
+def prepare_data(cfg: UptrainConfig, tokenizer: Any, teacher: nn.Module | None = None) -> PreparedData:
+    """Token blocks for conversion calibration, the per-layer stage and the end-to-end stage (disjoint slices of every
+    source of the training mix, in its proportions), and the held-out ids (validation splits).
 
     Raises:
-        ValueError: a stage asks for more tokens than the training text has, or less than one block.
+        ValueError: a corpus too small for its share, less than one block for a stage, too little held-out text.
     """
-    from ..data import load_text, tokenize
+    from .mix import build_stage_data, domain_ids, eval_domains_of, mix_of
 
     need_e2e = cfg.budget_tokens() if cfg.end_to_end else 0
-    need = cfg.conversion_tokens + cfg.layerwise_tokens + need_e2e
-    train_ids = tokenize(tokenizer, load_text(cfg.corpus, split="train"), max_tokens=max(need, cfg.block_size))
     L = cfg.block_size
-    calib_n = cfg.conversion_tokens
-    lw_n = cfg.layerwise_tokens
-    if train_ids.numel() < need:
-        logger.warning("training text has %d tokens, fewer than the %d asked for: the end-to-end stage gets the rest",
-                       train_ids.numel(), need)
-
-    def blocks(lo: int, n: int, what: str) -> torch.Tensor:
-        seg = train_ids[lo: lo + n]
-        rows = seg.numel() // L
-        if n > 0 and rows == 0:
-            raise ValueError(
-                f"the training text is too short for the {what}: {seg.numel()} tokens left, fewer than one block of "
-                f"{L}; use more text or fewer tokens"
-            )
-        return seg[: rows * L].view(rows, L)
-
-    calib = blocks(0, calib_n, "conversion calibration")
-    lw = blocks(calib_n, lw_n, "per-layer stage")
-    e2e = blocks(calib_n + lw_n, need_e2e, "end-to-end stage") if cfg.end_to_end else train_ids[:0].view(0, L)
-    held = None
+    needs = {"conversion": cfg.conversion_tokens, "layerwise": cfg.layerwise_tokens, "end_to_end": need_e2e}
+    for what, n in needs.items():
+        if 0 < n < L:
+            raise ValueError(f"the {what} stage asks {n} tokens, fewer than one block of {L}; raise it or lower "
+                             "block_size")
+    data = build_stage_data(tokenizer, teacher, mix_of(cfg), needs, L, seed=cfg.seed, progress=cfg.progress)
+    prepared = PreparedData(data.blocks["conversion"], data.blocks["layerwise"], data.blocks["end_to_end"], None,
+                            mix_tokens=data.tokens, sampling_seconds=data.sampling_seconds)
     if cfg.eval_windows:
-        if cfg.eval_corpus is None or cfg.eval_corpus == cfg.corpus:
-            text = load_text(cfg.corpus, split="validation")
-        else:
-            text = load_text(cfg.eval_corpus, split="validation")
         n = cfg.eval_windows * cfg.eval_context
-        held = tokenize(tokenizer, text, max_tokens=n)
-        if held.numel() < n:
-            raise ValueError(f"held-out text has {held.numel()} tokens, fewer than eval_windows*eval_context = {n}")
-    return calib, lw, e2e, held
+        name = headline_domain(cfg)
+        domains = eval_domains_of(cfg)
+        prepared.domains = domain_ids(tokenizer, list(dict.fromkeys([name, *domains])), n)
+        prepared.held, prepared.held_name = prepared.domains[name], name
+        if name not in domains:
+            del prepared.domains[name]
+    return prepared
 
 
 def uptrain(cfg: UptrainConfig, *, resume: bool | str = False, overwrite: bool = False) -> UptrainResult:
@@ -173,6 +204,12 @@ def uptrain(cfg: UptrainConfig, *, resume: bool | str = False, overwrite: bool =
     cfg.swap_spec()
     if cfg.plan is None:
         get_variant(cfg.variant)  # unknown variant: fail before loading anything
+    from .mix import check_sources, describe, eval_domains_of, mix_of
+
+    check_sources(mix_of(cfg), cfg.held_out, eval_domains_of(cfg))  # unknown or held-out-and-trained: before loading
+    if cfg.end_to_end and cfg.budget_tokens() < cfg.block_size * cfg.batch_size * cfg.grad_accum:
+        raise ValueError(f"the end-to-end budget ({cfg.budget_tokens()} tokens) is less than one step "
+                         f"(block_size * batch_size * grad_accum = {cfg.block_size * cfg.batch_size * cfg.grad_accum})")
     ctx = RunContext.from_accelerate(cfg.output_dir, resume)
     ctx.check_output_dir(overwrite or cfg.overwrite)  # before any work, the main process's verdict on every process
     if not ctx.is_main:
@@ -185,11 +222,13 @@ def uptrain(cfg: UptrainConfig, *, resume: bool | str = False, overwrite: bool =
     teacher, tokenizer = load_model(cfg.model, dtype=dtype)
     teacher = teacher.to(device)
     student = copy.deepcopy(teacher)
-    calib, lw_ids, e2e_ids, held = prepare_data(cfg, tokenizer)
+    data = prepare_data(cfg, tokenizer, teacher)
+    calib, lw_ids, e2e_ids, held = data.calib, data.layerwise, data.end_to_end, data.held
     calib, lw_ids = calib.to(device), lw_ids.to(device)  # end-to-end batches: the Trainer moves each one
-    logger.info("uptrain: student and teacher on %s in %s", device, cfg.dtype)
+    logger.info("uptrain: student and teacher on %s in %s; training text: %s", device, cfg.dtype,
+                describe(mix_of(cfg)))
     result = UptrainResult(config=cfg.to_dict(), output_dir=str(out), eval_tokens=0 if held is None else held.numel(),
-                           processes=ctx.world_size)
+                           processes=ctx.world_size, eval_domain=data.held_name, mix_tokens=data.mix_tokens)
     # Validate what the end-to-end stage will train before spending time on conversion.
     if cfg.end_to_end:
         probe = copy.deepcopy(student) if cfg.trainable == "lora" else student
@@ -197,7 +236,8 @@ def uptrain(cfg: UptrainConfig, *, resume: bool | str = False, overwrite: bool =
         del probe
         for p in student.parameters():
             p.requires_grad_(True)
-    run = RunState(cfg, teacher, student, tokenizer, calib, lw_ids, e2e_ids, held, result, t0=t0, c0=c0)
+    run = RunState(cfg, teacher, student, tokenizer, calib, lw_ids, e2e_ids, held, result, t0=t0, c0=c0,
+                   domains=data.domains)
 
     result.ppl_original = Evaluate("original")(ctx, run, teacher)
     layerwise, end_to_end = LayerwiseStage(cfg), EndToEndStage(cfg)
@@ -224,12 +264,17 @@ def uptrain(cfg: UptrainConfig, *, resume: bool | str = False, overwrite: bool =
     result.tokens = run.tokens
     result.seconds = time.perf_counter() - t0
     result.cpu_seconds = time.process_time() - c0
+    result.train_cpu_seconds = result.cpu_seconds - run.eval_cpu
     if result.ppl_original and result.ppl_converted and result.ppl_uptrained:
         result.recovery = log_gap_recovery(result.ppl_original, result.ppl_converted, result.ppl_uptrained)
+    result.domains = domain_table(result, cfg, run.original_domains)
     if ctx.is_main:  # the only writer; the others wait so that every process returns after the files exist
         from ..provenance import provenance
 
-        result.provenance = provenance(models=[teacher], corpora=[cfg.corpus, cfg.eval_corpus or cfg.corpus])
+        from .mix import GENERATED
+
+        corpora = [k for k in mix_of(cfg) if k not in GENERATED] + list(run.domains) + [data.held_name or cfg.corpus]
+        result.provenance = provenance(models=[teacher], corpora=list(dict.fromkeys(corpora)))
         save_swapped(student, out / FINAL_DIR, tokenizer, overwrite=True)  # this run's own, checked above
         (out / RESULT_FILE).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     ctx.wait()
@@ -238,6 +283,21 @@ def uptrain(cfg: UptrainConfig, *, resume: bool | str = False, overwrite: bool =
                 result.ppl_original, result.ppl_converted, result.ppl_uptrained, result.recovery, run.tokens,
                 result.seconds)
     return result
+
+
+def domain_table(result: UptrainResult, cfg: UptrainConfig, original: dict[str, float]) -> dict[str, dict[str, Any]]:
+    """Per evaluated domain: the original's and each stage's perplexity and the share of the log gap won back."""
+    table: dict[str, dict[str, Any]] = {}
+    for name, ppl in original.items():
+        row: dict[str, Any] = {"original": ppl, "held_out": name in cfg.held_out}
+        for point in result.curve:
+            if name in point.domains:
+                row[point.stage] = point.domains[name]
+        if "converted" in row and len(result.curve) > 1:
+            last = result.curve[-1].stage
+            row["recovery"] = log_gap_recovery(ppl, row["converted"], row[last]) if last in row else None
+        table[name] = row
+    return table
 
 
 def train_end_to_end(student: nn.Module, teacher: nn.Module | None, blocks: torch.Tensor, cfg: UptrainConfig, *,

@@ -156,12 +156,20 @@ class RunState:
     tokens: int = 0
     t0: float = field(default_factory=time.perf_counter)
     c0: float = field(default_factory=time.process_time)
+    #: validation ids of every domain evaluated one by one (beside the headline ``held``).
+    domains: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: the original model's perplexity per domain.
+    original_domains: dict[str, float] = field(default_factory=dict)
+    #: CPU seconds spent in evaluations (left out of the recipe's training cost).
+    eval_cpu: float = 0.0
 
 
 class Evaluate:
-    """Held-out perplexity of the student after a stage, appended to the recovery curve.
+    """Held-out perplexity of the student after a stage (the headline domain and every evaluated domain) and, when
+    configured, its passkey accuracy; appended to the recovery curve.
 
-    Measured on the main process only (every process holds the same weights) and broadcast.
+    Measured on the main process only (every process holds the same weights) and broadcast. Its CPU time is kept
+    apart (``RunState.eval_cpu``) so that the recipe's cost is its training alone.
     """
 
     def __init__(self, label: str) -> None:
@@ -169,15 +177,41 @@ class Evaluate:
 
     def __call__(self, ctx: RunContext, run: RunState, model: nn.Module | None = None) -> float | None:
         """Measure ``model`` (default: the student); adds a curve point unless ``label`` is ``original``."""
-        from .pipeline import CurvePoint, _ppl
+        from .pipeline import CurvePoint
 
+        c = time.process_time()
         model = run.student if model is None else model
-        ppl = _ppl(model, run.held, run.cfg) if ctx.is_main else None
-        ppl = ctx.share(ppl)
-        if self.label != "original":
+        figures = self._measure(model, run) if ctx.is_main else None
+        ppl, domains, passkey = ctx.share(figures)
+        run.eval_cpu += time.process_time() - c
+        if passkey is not None:
+            run.result.passkey[self.label] = passkey
+        if self.label == "original":
+            run.original_domains = domains
+        else:
+            cpu = time.process_time() - run.c0
             run.result.curve.append(CurvePoint(self.label, float("nan") if ppl is None else ppl, run.tokens,
-                                               time.perf_counter() - run.t0, time.process_time() - run.c0))
+                                               time.perf_counter() - run.t0, cpu, cpu - run.eval_cpu, domains,
+                                               passkey))
+            logger.info("after %s: held-out perplexity %s; per domain %s; passkey %s", self.label, ppl,
+                        {k: round(v, 2) for k, v in domains.items()}, passkey)
         return ppl
+
+    @staticmethod
+    def _measure(model: nn.Module, run: RunState) -> tuple[float | None, dict[str, float], float | None]:
+        from .pipeline import _ppl
+
+        domains = {name: _ppl(model, ids, run.cfg) for name, ids in run.domains.items()}
+        # the headline domain is usually one of the evaluated ones: the same ids, measured once
+        same = [name for name, ids in run.domains.items() if ids is run.held]
+        ppl = domains[same[0]] if same else _ppl(model, run.held, run.cfg)
+        passkey = None
+        if run.cfg.passkey_lengths:
+            from ..eval.passkey import passkey_accuracy
+
+            passkey = passkey_accuracy(model, run.tokenizer, lengths=run.cfg.passkey_lengths, depths=(0.0, 0.5, 1.0),
+                                       trials=run.cfg.passkey_trials, format="plain", seed=run.cfg.seed).accuracy
+        return ppl, domains, passkey
 
 
 class Stage:
