@@ -147,7 +147,9 @@ def _machine_line(res: dict) -> str:
                 f"{meta['cpu']}; total {meta['seconds']:.0f} s.")
     v = prov["versions"]
     load = prov.get("load_average")
-    return (f"torch {v['torch']}, transformers {v['transformers']}, {prov['torch_threads']} threads, {prov['cpu']} "
+    threads = prov["torch_threads"]
+    return (f"torch {v['torch']}, transformers {v['transformers']}, {threads} thread{'' if threads == 1 else 's'}, "
+            f"{prov['cpu']} "
             f"({prov['cpu_count']} CPUs, load average {load[0] if load else '?'} at the end); total "
             f"{meta['seconds']:.0f} s. Seconds depend on machine load; perplexities and cosines do not.")
 
