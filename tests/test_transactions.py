@@ -119,6 +119,7 @@ def assert_unchanged(model, pristine, params_before) -> None:
 VARIANTS = {
     "gqa_mean": ("gqa", {"groups": 2}),
     "gqa_fit": ("gqa", {"groups": 2, "strategy": "fit"}),
+    "gqa_align": ("gqa", {"groups": 2, "strategy": "align"}),
     "mqa": ("mqa", {}),
     "sliding_window": ("sliding_window", {"window": 3, "sinks": 1}),
     "linear": ("linear", {"feature_map": "hedgehog"}),

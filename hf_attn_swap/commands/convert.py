@@ -21,7 +21,7 @@ class ConvertConfig:
         "one variant spec, e.g. gqa:groups=1,strategy=fit (see hf-attn-swap variants)"))
     layers: str | None = opt(None, help="layers to convert, e.g. 0-14 (null = all)")
     corpus: str = opt("shakespeare", help="calibration (train split) and evaluation (validation split) text")
-    calib_tokens: int = opt(4096, min=1, help="calibration tokens for strategy=fit")
+    calib_tokens: int = opt(4096, min=1, help="calibration tokens for strategy=fit or align")
     eval_tokens: int = opt(4096, min=0, help="held-out tokens for perplexity (0 = skip)")
     context: int = opt(512, min=2, help="perplexity window")
     threads: int | None = opt(1, min=1, help=(
@@ -67,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..api import swap_attention, swap_record
     from ..checkpoint import save_swapped
+    from ..convert.pooling import CALIBRATED
     from ..data import load_text, token_blocks, tokenize
     from ..outputs import CHECKPOINT_KIND, check_output_dir
     from ..registry import get_variant
@@ -82,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"{cfg.model} has no tokenizer: only a causal LM converted with --eval-tokens 0 can run "
                          "without one (calibration then uses random token ids)")
     calibration = None
-    if options.get("strategy") == "fit" and tok is None:
+    if options.get("strategy") in CALIBRATED and tok is None:
         import torch
 
         # A random-initialised checkpoint has no tokenizer: uniformly random ids within its vocabulary (seeded).
@@ -90,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         n_blocks = max(1, cfg.calib_tokens // 512)
         calibration = torch.randint(0, model.config.vocab_size, (n_blocks, min(512, cfg.calib_tokens)), generator=gen)
         echo(f"calibration: {calibration.numel()} random token ids (no tokenizer in {cfg.model})")
-    elif options.get("strategy") == "fit":
+    elif options.get("strategy") in CALIBRATED:
         train = load_text(cfg.corpus, split="train")
         if causal:
             calibration = token_blocks(tok, train, 512, max_tokens=cfg.calib_tokens)

@@ -16,15 +16,21 @@ Strategies (``new_kv`` KV heads, each merging ``r = old_kv // new_kv`` neighbour
   point of the feasible set, so in this metric the fit is never worse than ``mean``; lossless inputs (duplicated
   heads) are reproduced exactly. Keys behind a norm (``qk_norm``) are not linear in ``x``: there the keys are
   mean-pooled and only V/O are refit.
+- ``align``: rotate each K/V head of a group onto a common reference by orthogonal Procrustes on the calibration
+  activations (RoPE-commuting rotations for keys, with the queries and output columns rotated to match, so nothing
+  changes before pooling), then ``mean`` (after Jin et al. 2024; see :mod:`.align`).
 """
 
 from __future__ import annotations
 
 import torch
 
+from . import align as _align
 from .projections import Projections
 
-STRATEGIES = ("mean", "first", "random", "fit")
+STRATEGIES = ("mean", "first", "random", "fit", "align")
+#: strategies that read calibration statistics (``covariance=``; ``calibration=`` for swap_attention).
+CALIBRATED = ("fit", "align")
 
 
 def _heads(w: torch.Tensor, n: int) -> torch.Tensor:
@@ -142,7 +148,7 @@ def convert_projections(
         strategy: one of :data:`STRATEGIES`.
         rotary_dims: leading dims of each head that RoPE rotates (pairs ``i, i + rotary_dims/2``); 0 = no RoPE.
         qk_norm: keys pass through a norm after ``k_proj`` (the ``fit`` strategy then mean-pools keys).
-        covariance: for ``fit``, the second moment ``E[x x^T]`` of the attention input, ``(E+1, E+1)`` with a trailing
+        covariance: for ``fit`` and ``align``, the second moment ``E[x x^T]`` of the attention input, ``(E+1, E+1)`` with a trailing
             constant-1 coordinate (used when the projections have biases; otherwise its top-left block is used).
         generator: for ``random``.
     """
@@ -150,6 +156,14 @@ def convert_projections(
         raise ValueError(f"new KV heads ({new_kv}) must divide the current KV heads ({old_kv})")
     if new_kv == old_kv:
         return p  # bit-identical: nothing to merge
+    if strategy in CALIBRATED and covariance is None:
+        raise ValueError(
+            f"strategy {strategy!r} needs calibration activations (pass calibration=... to swap_attention)"
+        )
+    if strategy == "align":
+        p = _align.align_projections(p, num_heads=num_heads, old_kv=old_kv, new_kv=new_kv, head_dim=head_dim,
+                                     rotary_dims=rotary_dims, qk_norm=qk_norm, covariance=covariance)
+        strategy = "mean"  # the aligned heads are then mean-pooled
     if strategy != "fit":
         return p.replace(
             k_w=pool(p.k_w, old_kv, new_kv, strategy, generator),
@@ -157,8 +171,6 @@ def convert_projections(
             v_w=pool(p.v_w, old_kv, new_kv, strategy, generator),
             v_b=pool(p.v_b, old_kv, new_kv, strategy, generator),
         )
-    if covariance is None:
-        raise ValueError("strategy 'fit' needs calibration activations (pass calibration=... to swap_attention)")
     return _fit(p, num_heads, old_kv, new_kv, head_dim, rotary_dims, qk_norm, covariance)
 
 

@@ -273,9 +273,10 @@ def run_comparison(
                 work = _load_checkpoint(cfg, folder)
             elif name != BASELINE:
                 from ..api import swap_attention
+                from ..convert.pooling import CALIBRATED
 
                 work = copy.deepcopy(model)
-                kw = {"calibration": calibration.get()} if opts.get("strategy") == "fit" else {}
+                kw = {"calibration": calibration.get()} if opts.get("strategy") in CALIBRATED else {}
                 with num_threads(cfg.eval_threads):
                     swap_attention(work, name, **kw, **opts)
             convert_s = time.perf_counter() - t0

@@ -19,7 +19,7 @@ from ..configs import VariantConfig
 from ..convert.adapters import get_adapter
 from ..convert.calibrate import second_moments
 from ..progress import progress
-from ..convert.pooling import STRATEGIES, convert_projections, rotary_dims_of
+from ..convert.pooling import CALIBRATED, STRATEGIES, convert_projections, rotary_dims_of
 from ..convert.projections import build_new_modules, commit, find_attention, read_projections
 from ..reference import causal_bool_mask, reference_attention
 from ..registry import register_variant
@@ -37,8 +37,8 @@ class GQAConfig(VariantConfig):
 
     Attributes:
         groups: number of KV heads after conversion (1 = MQA). Must divide the current KV heads of every layer.
-        strategy: ``mean`` (paper), ``first``, ``random`` (paper ablations) or ``fit`` (calibrated refit; needs
-            ``calibration=`` input ids).
+        strategy: ``mean`` (paper), ``first``, ``random`` (paper ablations), ``fit`` (calibrated refit) or
+            ``align`` (Procrustes head alignment, then mean); ``fit`` and ``align`` need ``calibration=`` input ids.
         seed: seed of the ``random`` strategy.
     """
 
@@ -54,7 +54,7 @@ class GQAConfig(VariantConfig):
             raise ValueError(f"unknown strategy {self.strategy!r}; allowed: {', '.join(STRATEGIES)}")
 
     def requires_calibration(self) -> bool:
-        return self.strategy == "fit"
+        return self.strategy in CALIBRATED
 
     def check_model(self, model: Any, layers: list[int]) -> None:
         adapter = get_adapter(model)
@@ -87,7 +87,7 @@ class MQAConfig(VariantConfig):
         GQAConfig(1, self.strategy, self.seed)
 
     def requires_calibration(self) -> bool:
-        return self.strategy == "fit"
+        return self.strategy in CALIBRATED
 
     def check_model(self, model: Any, layers: list[int]) -> None:
         GQAConfig(1, self.strategy, self.seed).check_model(model, layers)
@@ -207,10 +207,10 @@ def convert_gqa(model: torch.nn.Module, config: GQAConfig | MQAConfig, layers: l
         return build_new_modules(site, adapter, _moved(new, home))  # back beside the model's own weights
 
     tokens = 0
-    if strategy == "fit":
+    if strategy in CALIBRATED:
         if calibration is None:
             raise ValueError(
-                "strategy 'fit' needs calibration text: pass calibration=<LongTensor of input ids (n, L)> to "
+                f"strategy {strategy!r} needs calibration text: pass calibration=<LongTensor of input ids (n, L)> to "
                 "swap_attention (e.g. a few thousand tokens of held-in text)"
             )
         # Statistics come from the ORIGINAL model, on its device and in its dtype, layer by layer where possible;
@@ -254,7 +254,7 @@ register_variant(
     config=GQAConfig,
     convert=convert_gqa,
     vanilla_export=vanilla_export,
-    description="grouped-query attention: merge K/V heads (mean/first/random/fit), attend without repeating K/V",
+    description="grouped-query attention: merge K/V heads (mean/first/random/fit/align), attend without repeating K/V",
 )
 register_variant(
     "mqa",
