@@ -11,8 +11,9 @@ roots cancel:
 - the left transforms ``(R_j^{-1} U_j S^{1/2})^T`` need no ``C`` at all.
 
 So a layer costs two real matrix products with ``C`` (all query rows, then all key rows; ``(H d) n^2`` flops)
-instead of an ``n x n`` eigendecomposition, two ``n x n`` roots and complex products with ``C``: on one CPU thread
-7-20x faster for E = 1024-2048 (see the commit measuring it), and nothing ``n x n`` is allocated beside ``C``.
+instead of an ``n x n`` eigendecomposition, two ``n x n`` roots and complex products with ``C``. One MQA layer on
+one (busy) CPU thread: E = 1024, 16 heads: 6.6 -> 0.5 s; E = 2048, 32 heads: 40.7 -> 3.2 s; and nothing ``n x n`` is
+allocated beside ``C`` (float64 working set 186 -> 64 MiB and 595 -> 108 MiB).
 The per-pair RoPE problems stay complex, but only in their small ``r x r`` Grams and in ``O(r n)`` mixes; every
 product with ``C`` is real (a real symmetric ``C`` times ``a + ib`` is two real products). Query and output rows are
 cast to float64 a chunk of heads at a time and written back in the model's dtype, so the float64 working set is a
