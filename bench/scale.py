@@ -135,7 +135,9 @@ def runtime_baseline() -> int:
     return peak
 
 
-def measure(args: argparse.Namespace) -> dict:
+def measure(args: argparse.Namespace, out: Path | None = None) -> dict:
+    """Every size x strategy; with ``out``, the report is rewritten after each row, so a run stopped part-way (a
+    busy machine, a deadline) keeps what it measured."""
     rows, folders = [], []
     baseline = runtime_baseline()
     print(f"runtime baseline (imports only): {baseline / 2**30:.2f} GiB", flush=True)
@@ -143,6 +145,7 @@ def measure(args: argparse.Namespace) -> dict:
         size = SIZES[name]
         folder = checkpoint(size)
         folders.append(folder)
+        prov = provenance(args, folders) if out is not None else None  # hashes the checkpoints: once per size
         weights = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
         for strategy in args.strategies.split(","):
             cmd = [sys.executable, "-m", "hf_attn_swap.cli", "convert", "--model", str(folder),
@@ -166,6 +169,8 @@ def measure(args: argparse.Namespace) -> dict:
                 "command": " ".join(shlex.quote(c) for c in cmd[1:]),
             }
             rows.append(row)
+            if out is not None:
+                write_report({"provenance": prov, "runtime_baseline_bytes": baseline, "rows": rows}, out)
             print(f"{name:6s} {strategy:5s} wall {wall:7.1f} s  convert {report['convert_s']:7.1f} s  peak RSS "
                   f"{peak / 2**30:6.2f} GiB = {peak / weights:.2f} x weights ({weights / 2**30:.2f} GiB)", flush=True)
     return {"provenance": provenance(args, folders), "runtime_baseline_bytes": baseline, "rows": rows}
@@ -256,7 +261,7 @@ def main() -> None:
     unknown = [s for s in args.sizes.split(",") if s not in SIZES]
     if unknown:
         parser.error(f"unknown size(s) {unknown}; allowed: {', '.join(SIZES)}")
-    write_report(measure(args), Path(args.out))
+    write_report(measure(args, Path(args.out)), Path(args.out))
 
 
 if __name__ == "__main__":

@@ -101,10 +101,11 @@ def test_layerwise_runs_no_layer_after_the_last_watched_one():
     assert _rel(whole, part) < REL
 
 
-def test_each_statistic_is_handed_over_before_the_next_layer_runs():
+def test_each_statistic_is_handed_over_before_the_next_layer_runs(monkeypatch):
     model = tiny("llama")
     mods = _modules(model)
     events = []
+    monkeypatch.setattr(calibrate, "BATCH_TOKENS", 4 * 24)  # 4 rows of 24 tokens per batch
     handle = mods[1].register_forward_pre_hook(lambda *a: events.append("layer 1 runs"))
     try:
         results, _ = layerwise_second_moments(

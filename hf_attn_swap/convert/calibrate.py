@@ -23,6 +23,9 @@ matmul on a ``(tokens, E)`` block is still far cheaper than the transfer) and re
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
@@ -38,10 +41,16 @@ logger = logging.getLogger(__name__)
 Consumer = Callable[[int, torch.Tensor], Any]
 
 
+#: Tokens per forward batch when the calibration is a tensor of ids (whole rows; a longer row is a batch alone). A
+#: batch's activations are what calibration holds beyond the carried hidden states, so this bounds them: in float32
+#: one layer's MLP of a 0.36B llama on 512 tokens is 3 x 5.5 MiB, against 22 MiB for the 2048 tokens four rows held.
+BATCH_TOKENS = 512
+
+
 def _as_batches(calibration: Any) -> Iterable[dict[str, torch.Tensor]]:
     if isinstance(calibration, torch.Tensor):
         ids = calibration if calibration.dim() == 2 else calibration[None]
-        for row in ids.split(1 if ids.shape[1] > 1024 else 4):
+        for row in ids.split(max(1, BATCH_TOKENS // max(1, ids.shape[1]))):
             yield {"input_ids": row}
     elif isinstance(calibration, dict):
         yield calibration
@@ -68,6 +77,29 @@ def input_device(model: nn.Module) -> torch.device:
         if p.device.type != "meta":
             return p.device
     return torch.device("cpu")
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None where the C library has none (macOS, musl, Windows)."""
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        return None
+
+
+def return_freed_memory() -> None:
+    """Hand the C heap's free pages back to the OS (glibc ``malloc_trim(0)``; a no-op without glibc).
+
+    Calibrating a layer frees everything it allocated (its float32 copy, activations, the fit's float64 temporaries),
+    but glibc keeps freed blocks below its self-raising mmap threshold in the heap, and the next layer's allocations,
+    of other sizes, reuse only part of them: on a 0.36B bf16 llama the process's RSS crept up by 0.2 GiB over 26
+    layers (0.3 x the weights) without this call after each layer, which costs about a millisecond.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -376,6 +408,7 @@ def layerwise_second_moments(
             # statistic cannot change what later layers see.
             for i in watched:
                 results[i] = consume(i, moments.take(i, tokens)) if consume else moments.take(i, tokens)
+            return_freed_memory()  # this layer's temporaries (and its fit's, in consume) are all freed by now
             logger.debug("layer-by-layer calibration: layer %d of %d done", j + 1, last + 1)
     finally:
         model.train(was_training)

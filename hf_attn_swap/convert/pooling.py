@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from . import align as _align
+from .fit import fit_projections
 from .projections import Projections
 
 STRATEGIES = ("mean", "first", "random", "fit", "align")
@@ -171,10 +172,15 @@ def convert_projections(
             v_w=pool(p.v_w, old_kv, new_kv, strategy, generator),
             v_b=pool(p.v_b, old_kv, new_kv, strategy, generator),
         )
-    return _fit(p, num_heads, old_kv, new_kv, head_dim, rotary_dims, qk_norm, covariance)
+    return fit_projections(p, num_heads, old_kv, new_kv, head_dim, rotary_dims, qk_norm, covariance)
 
 
 def _fit(p, num_heads, old_kv, new_kv, head_dim, rotary_dims, qk_norm, cov) -> Projections:
+    """The plain reference of ``fit`` (whiten, SVD, un-whiten; per group, complex128 for RoPE pairs).
+
+    :func:`.fit.fit_projections` computes the same solution without the roots of ``C`` and is what conversions run;
+    ``tests/test_fit_fast.py`` holds one to the other. Kept because it is the readable statement of the method.
+    """
     dtype = p.k_w.dtype
     e = p.k_w.shape[1]
     full = cov.double()
