@@ -151,8 +151,22 @@ def test_committed_run_configs_still_load(path):
     """Configs saved by earlier runs (results/*.json, results/*/run.json) load under the strict loader."""
     data = json.loads(path.read_text())
     config = data["config"] if "config" in data else data["meta"]["config"]
-    cls = UptrainConfig if "kl_weight" in config else EvalConfig
-    assert cliconfig.to_dict(cls.from_dict(config)).keys() >= config.keys()
+    if "kl_weight" in config:
+        cls = UptrainConfig
+    elif "num_heads" in config and "corpora" in config:
+        from hf_attn_swap.train.pretrain import PretrainConfig as cls
+    elif "kv_heads" in config and "alphas" in config:  # recipes/gqa_paper.py's own config
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("_gqa_paper", ROOT / "recipes" / "gqa_paper.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses resolve the module's annotations through sys.modules
+        spec.loader.exec_module(module)
+        cls = module.GqaPaperConfig
+    else:
+        cls = EvalConfig
+    loaded = cls.from_dict(config) if hasattr(cls, "from_dict") else cliconfig.from_dict(cls, config)
+    assert cliconfig.to_dict(loaded).keys() >= config.keys()
 
 
 def test_missing_or_broken_config_file_is_one_clear_error(tmp_path):

@@ -95,7 +95,7 @@ def test_too_short_text_is_an_error_and_writes_nothing(base, tmp_path):
     text = tmp_path / "tiny.txt"
     text.write_text("Too short. " * 10)
     out = tmp_path / "never"
-    with pytest.raises(ValueError, match="empty|too short|fewer"):
+    with pytest.raises(ValueError, match="empty|too short|too small|fewer"):
         uptrain(small(base, out, corpus=str(text)))
     assert not out.exists()
 
@@ -112,9 +112,9 @@ def test_every_recipe_config_is_valid():
 def test_cli_prints_resolved_config(capsys):
     from hf_attn_swap.cli import main
 
-    assert main(["uptrain", "--print-config", "tokens=123", "lr=2e-4"]) == 0
+    assert main(["uptrain", "--print-config", "tokens=2048", "lr=2e-4"]) == 0
     printed = capsys.readouterr().out
-    assert "tokens: 123" in printed and "lr: 0.0002" in printed
+    assert "tokens: 2048" in printed and "lr: 0.0002" in printed
     assert main(["uptrain", "--print-config", "trainable=mlp"]) == 2  # clear one-line error
 
 
