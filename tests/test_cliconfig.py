@@ -143,7 +143,12 @@ def test_saved_configs_load_back(tmp_path):
 
 
 def _committed_run_configs() -> list[Path]:
-    return [p for p in sorted((ROOT / "results").rglob("*.json")) if '"config"' in p.read_text()]
+    """Results files that carry a run's whole config (top-level ``config`` mapping, or ``meta.config``)."""
+    def has_config(data) -> bool:
+        return isinstance(data, dict) and (isinstance(data.get("config"), dict)
+                                           or isinstance((data.get("meta") or {}).get("config"), dict))
+
+    return [p for p in sorted((ROOT / "results").rglob("*.json")) if has_config(json.loads(p.read_text()))]
 
 
 @pytest.mark.parametrize("path", _committed_run_configs(), ids=lambda p: str(p.relative_to(ROOT)))

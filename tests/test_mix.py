@@ -228,3 +228,16 @@ def test_bad_domains_config_is_one_line(tmp_path, text, match):
     with pytest.raises(DomainsError, match=match) as err:
         run_domains(spec, tmp_path / "out", command="test")
     assert "\n" not in str(err.value) and not (tmp_path / "out.json").exists()
+
+
+def test_rewriting_a_run_keeps_the_notes_written_under_its_generated_block(tmp_path):
+    from hf_attn_swap.train.domains import write_run_results
+
+    result = {"ppl_original": 10.0, "ppl_converted": 20.0, "ppl_uptrained": 12.0, "recovery": 0.74, "tokens": 1,
+              "seconds": 1.0, "curve": [{"stage": "end_to_end", "ppl": 12.0, "tokens": 1, "seconds": 1.0}]}
+    path = write_run_results(result, tmp_path / "r.json", "cmd")
+    md = path.with_suffix(".md")
+    md.write_text(md.read_text() + "\nNotes by hand.\n")
+    write_run_results({**result, "ppl_uptrained": 11.0}, path, "cmd")
+    text = md.read_text()
+    assert text.endswith("\nNotes by hand.\n") and "| end_to_end | 12.00 |" in text and text.count("generated:") == 1

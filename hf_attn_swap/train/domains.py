@@ -78,8 +78,11 @@ def write_run_results(result: dict[str, Any], path: str | Path, command: str) ->
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2) + "\n")
-    path.with_suffix(".md").write_text(
-        f"<!-- generated: {path.name} uptrain_table -->\n{uptrain_table(out)}\n<!-- end generated -->\n")
+    md = path.with_suffix(".md")
+    end = "<!-- end generated -->\n"
+    # prose written by hand under the generated block of a previous run stays (it says what the figures mean)
+    kept = md.read_text().split(end, 1)[1] if md.is_file() and end in md.read_text() else ""
+    md.write_text(f"<!-- generated: {path.name} uptrain_table -->\n{uptrain_table(out)}\n{end}{kept}")
     return path
 
 
