@@ -241,3 +241,18 @@ def test_rewriting_a_run_keeps_the_notes_written_under_its_generated_block(tmp_p
     write_run_results({**result, "ppl_uptrained": 11.0}, path, "cmd")
     text = md.read_text()
     assert text.endswith("\nNotes by hand.\n") and "| end_to_end | 12.00 |" in text and text.count("generated:") == 1
+
+
+def test_results_record_the_code_as_it_was_when_the_run_started(base, tmp_path, monkeypatch):
+    """A long run may write results into its own checkout before it ends: the commit recorded is the start's."""
+    import hf_attn_swap.provenance as prov
+
+    calls = []
+
+    def fake_git_state(path=None):
+        calls.append(path)
+        return {"commit": f"state{len(calls)}", "dirty": len(calls) > 1}
+
+    monkeypatch.setattr(prov, "git_state", fake_git_state)
+    r = uptrain(small(base, tmp_path / "run", layerwise_tokens=0, eval_windows=0))
+    assert len(calls) >= 2 and r.provenance["git"] == {"commit": "state1", "dirty": False}

@@ -218,6 +218,10 @@ def uptrain(cfg: UptrainConfig, *, resume: bool | str = False, overwrite: bool =
         progress.enable(False)  # one set of bars, from the main process
     out = ctx.output_dir
     t0, c0 = time.perf_counter(), time.process_time()
+    from ..provenance import git_state
+
+    # the code that runs is the checkout as it is now: by the end a long run may have written results into it
+    code_state = git_state() if ctx.is_main else None
 
     teacher, tokenizer = load_model(cfg.model, dtype=dtype)
     teacher = teacher.to(device)
@@ -275,6 +279,7 @@ def uptrain(cfg: UptrainConfig, *, resume: bool | str = False, overwrite: bool =
 
         corpora = [k for k in mix_of(cfg) if k not in GENERATED] + list(run.domains) + [data.held_name or cfg.corpus]
         result.provenance = provenance(models=[teacher], corpora=list(dict.fromkeys(corpora)))
+        result.provenance["git"] = code_state
         save_swapped(student, out / FINAL_DIR, tokenizer, overwrite=True)  # this run's own, checked above
         (out / RESULT_FILE).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     ctx.wait()
