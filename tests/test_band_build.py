@@ -109,19 +109,27 @@ def test_timeout_from_the_environment_and_bad_values(tmp_path, monkeypatch):
 
 
 def test_interrupted_build_leaves_no_temp_file(tmp_path, monkeypatch):
-    """Ctrl-C while the compiler runs: the compiler's group is killed and nothing is left in the kernels folder."""
+    """Ctrl-C while the compiler runs: the compiler's group is killed and nothing is left in the kernels folder.
+
+    The build runs in a child Python that gets a real SIGINT, as a user's Ctrl-C would arrive. (Sending SIGINT to
+    pytest's own main thread made this test depend on what earlier tests had done to the process: it passed alone
+    and failed inside the whole suite, the interrupt arriving only after the compiler's 60 s.)
+    """
     cc = FakeCC(tmp_path, monkeypatch, sleep=60)
     out = tmp_path / "kernels"
-    main = threading.main_thread().ident
-
-    def interrupt():
-        while not cc.pidfile.exists():  # the compiler is running and has written its partial output
-            time.sleep(0.02)
-        signal.pthread_kill(main, signal.SIGINT)
-
-    threading.Thread(target=interrupt, daemon=True).start()
-    with pytest.raises(KeyboardInterrupt):
-        band_cpu.build(out, timeout=60)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from pathlib import Path; from hf_attn_swap.variants import band_cpu; "
+                               "band_cpu.build(Path(sys.argv[1]), timeout=60)", str(out)],
+        env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (cc.pidfile.exists() and cc.pidfile.read_text().strip()):  # the compiler runs, its output is partial
+        assert child.poll() is None and time.monotonic() < deadline, "the fake compiler never started"
+        time.sleep(0.02)
+    child.send_signal(signal.SIGINT)
+    _, err = child.communicate(timeout=30)
+    assert child.returncode != 0 and "KeyboardInterrupt" in err
     assert _listing(out) == [LOCK]
     assert _wait_dead(cc.sleeper_pid())
 
