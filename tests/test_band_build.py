@@ -113,15 +113,20 @@ def test_interrupted_build_leaves_no_temp_file(tmp_path, monkeypatch):
 
     The build runs in a child Python that gets a real SIGINT, as a user's Ctrl-C would arrive. (Sending SIGINT to
     pytest's own main thread made this test depend on what earlier tests had done to the process: it passed alone
-    and failed inside the whole suite, the interrupt arriving only after the compiler's 60 s.)
+    and failed inside the whole suite, the interrupt arriving only after the compiler's 60 s; something earlier in
+    the suite leaves SIGINT ignored or blocked, which a child would inherit too, hence the reset in the child.)
     """
     cc = FakeCC(tmp_path, monkeypatch, sleep=60)
     out = tmp_path / "kernels"
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
     child = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from pathlib import Path; from hf_attn_swap.variants import band_cpu; "
-                               "band_cpu.build(Path(sys.argv[1]), timeout=60)", str(out)],
+        [sys.executable, "-c",
+         # a fresh process as a user's shell starts it: Ctrl-C raises KeyboardInterrupt. (Dispositions are inherited
+         # through exec, and inside the whole suite this pytest process has SIGINT ignored or blocked by then.)
+         "import signal, sys; signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT]); "
+         "signal.signal(signal.SIGINT, signal.default_int_handler); from pathlib import Path; "
+         "from hf_attn_swap.variants import band_cpu; band_cpu.build(Path(sys.argv[1]), timeout=60)", str(out)],
         env=env, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while not (cc.pidfile.exists() and cc.pidfile.read_text().strip()):  # the compiler runs, its output is partial
