@@ -151,10 +151,10 @@ def measure(args: argparse.Namespace, out: Path | None = None) -> dict:
             cmd = [sys.executable, "-m", "hf_attn_swap.cli", "convert", "--model", str(folder),
                    "--variant", f"gqa:groups={args.groups},strategy={strategy}", "--eval-tokens", "0",
                    "--calib-tokens", str(args.calib_tokens), "--dtype", "bfloat16", "--threads", str(args.threads)]
-            rc, wall, peak, out, err = run_measured(cmd)
+            rc, wall, peak, stdout, err = run_measured(cmd)
             if rc != 0:
                 raise SystemExit(f"{name} {strategy} failed ({rc}):\n{err[-3000:]}")
-            report = json.loads(out[out.index("\n{") + 1:])
+            report = json.loads(stdout[stdout.index("\n{") + 1:])
             act = calib_bytes(size, args.calib_tokens, 2048) if strategy == "fit" else 0
             row = {
                 "size": name, **{k: v for k, v in asdict(size).items() if k != "name"},
