@@ -9,8 +9,18 @@ in its own process; its peak RSS is the kernel's high-water mark for exactly tha
 
 Goal: peak RSS <= 1.3 x the bf16 weights + one layer's calibration activations; time linear in size.
 
-Run (all sizes; needs ~20 GiB free for 3b): python bench/scale.py --sizes 0.36b,1.1b,3b --threads 4
-Smallest only:                             python bench/scale.py --sizes 0.36b --threads 1
+Two more parts go into the same report (``--parts``; each part replaces only its own section of scale.json, with its
+own command and provenance, so the parts can run at different times):
+
+- ``processes``: the per-layer stage of ``uptrain`` on SmolLM2-135M (real weights and text, 30 layers), once in one
+  process and once under ``accelerate launch --multi_gpu --num_processes 2`` (gloo on CPU), each process on one
+  thread; the stage's own seconds (capture + training + the gather) give the speed-up. Needs the cores idle.
+- ``parity``: SmolLM2-135M perplexity (2048 held-out Shakespeare tokens, context 512) in float32 and in bfloat16 for
+  the baseline, flash and sliding_window 256 (the issue's "within 1%" check, with the figures kept).
+
+Run (all sizes; needs ~20 GiB free for 3b): python bench/scale.py --sizes 0.36b,1.1b,3b --threads 1
+Smallest only:                             python bench/scale.py --sizes 0.36b --threads 1 --parts conversion
+The other two parts:                        python bench/scale.py --parts processes,parity
 """
 
 from __future__ import annotations
@@ -170,16 +180,120 @@ def measure(args: argparse.Namespace, out: Path | None = None) -> dict:
             }
             rows.append(row)
             if out is not None:
-                write_report({"provenance": prov, "runtime_baseline_bytes": baseline, "rows": rows}, out)
+                kept = json.loads((out / "scale.json").read_text()) if (out / "scale.json").is_file() else {}
+                kept = {k: v for k, v in kept.items() if k in ("processes", "parity")}
+                write_report({**kept, "provenance": prov, "runtime_baseline_bytes": baseline, "rows": rows}, out)
             print(f"{name:6s} {strategy:5s} wall {wall:7.1f} s  convert {report['convert_s']:7.1f} s  peak RSS "
                   f"{peak / 2**30:6.2f} GiB = {peak / weights:.2f} x weights ({weights / 2**30:.2f} GiB)", flush=True)
     return {"provenance": provenance(args, folders), "runtime_baseline_bytes": baseline, "rows": rows}
 
 
+PARTS = ("conversion", "processes", "parity")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:  # never accelerate's default 29500: another run may hold it
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def measure_processes(args: argparse.Namespace) -> dict:
+    """The per-layer stage on 1 and on 2 processes (same config, same layers, same seeds: same weights)."""
+    from hf_attn_swap.provenance import provenance as record
+    from hf_attn_swap.train import UptrainConfig
+
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in (1, 2):
+            cfg = UptrainConfig(model="smollm2-135m", variant="mqa", variant_options={"strategy": "mean"},
+                                conversion_tokens=0, corpus="shakespeare", eval_windows=0,
+                                layerwise_tokens=args.layerwise_tokens, layerwise_steps=args.layerwise_steps,
+                                layerwise_rows=2, block_size=256, tokens=0, output_dir=f"{tmp}/p{n}", progress=False,
+                                threads=1, device="cpu")
+            path = Path(tmp) / f"p{n}.json"
+            cfg.save(path)
+            cli = ["-m", "hf_attn_swap.cli", "uptrain", "--config", str(path)]
+            if n == 1:
+                cmd = [sys.executable, *cli]
+            else:  # --multi_gpu starts the processes through torch.distributed.run; without CUDA they form gloo
+                cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                       "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                       "--main_process_port", str(_free_port()), *cli]
+            env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+            t = time.perf_counter()
+            proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+            wall = time.perf_counter() - t
+            if proc.returncode != 0:
+                raise SystemExit(f"per-layer stage on {n} process(es) failed ({proc.returncode}):\n"
+                                 f"{proc.stderr[-3000:]}")
+            saved = json.loads((Path(cfg.output_dir) / "uptrain_result.json").read_text())
+            lw = saved["layerwise"]
+            results[n] = {"processes": saved["processes"], "layerwise_seconds": round(lw["seconds"], 2),
+                          "wall_s": round(wall, 1), "layers": len(lw["layers"]),
+                          "ranks": sorted({s["rank"] for s in lw["layers"]}),
+                          "mse_after": [s["mse_after"] for s in lw["layers"]]}
+            print(f"per-layer stage, {n} process(es): {lw['seconds']:.1f} s (whole command {wall:.0f} s)", flush=True)
+    one, two = results[1], results[2]
+    return {
+        "model": "smollm2-135m", "variant": "mqa:strategy=mean", "layerwise_tokens": args.layerwise_tokens,
+        "layerwise_steps": args.layerwise_steps, "threads_per_process": 1, "one": one, "two": two,
+        "speedup": round(one["layerwise_seconds"] / two["layerwise_seconds"], 3),
+        # the split's promise: same layers, same seeds, same weights (bit-equal MSE after, layer by layer)
+        "same_weights": one["mse_after"] == two["mse_after"],
+        "provenance": record(models=["smollm2-135m"], corpora=["shakespeare"],
+                             argv=["bench/scale.py", *sys.argv[1:]]),
+    }
+
+
+PARITY_VARIANTS = {"baseline": None, "flash": ("flash", {}), "sliding_window:window=256": ("sliding_window",
+                                                                                          {"window": 256})}
+
+
+def measure_parity(args: argparse.Namespace) -> dict:
+    """SmolLM2-135M perplexity in float32 and bfloat16 per variant (swap in float32, then cast the model)."""
+    import copy
+
+    import torch
+
+    from hf_attn_swap import swap_attention
+    from hf_attn_swap.data import load_text, tokenize
+    from hf_attn_swap.eval.perplexity import perplexity
+    from hf_attn_swap.provenance import provenance as record
+    from hf_attn_swap.zoo import load_model
+
+    torch.set_num_threads(args.threads)
+    model, tok = load_model("smollm2-135m")
+    ids = tokenize(tok, load_text("shakespeare", split="validation"), args.parity_tokens)
+    rows = []
+    for name, spec in PARITY_VARIANTS.items():
+        work = copy.deepcopy(model)
+        if spec is not None:
+            swap_attention(work, spec[0], **spec[1])
+        with torch.no_grad():
+            t = time.perf_counter()
+            p32 = perplexity(work, ids, context=512, batch_size=1).token_ppl
+            t32 = time.perf_counter() - t
+            work.to(torch.bfloat16)
+            t = time.perf_counter()
+            p16 = perplexity(work, ids, context=512, batch_size=1).token_ppl
+            t16 = time.perf_counter() - t
+        rel = (p16 - p32) / p32
+        rows.append({"variant": name, "ppl_float32": p32, "ppl_bfloat16": p16, "relative": rel,
+                     "within_1_percent": abs(rel) < 0.01, "seconds_float32": round(t32, 1),
+                     "seconds_bfloat16": round(t16, 1)})
+        print(f"{name}: float32 {p32:.4f}, bfloat16 {p16:.4f} ({100 * rel:+.3f}%)", flush=True)
+        del work
+    return {"model": "smollm2-135m", "corpus": "shakespeare (validation)", "tokens": int(ids.numel()),
+            "context": 512, "threads": args.threads, "rows": rows,
+            "provenance": record(models=[model], corpora=["shakespeare"], argv=["bench/scale.py", *sys.argv[1:]])}
+
+
 def write_report(result: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "scale.json").write_text(json.dumps(result, indent=2) + "\n")
-    rows = result["rows"]
+    rows = result.get("rows") or []
     lines = [
         "# Conversion at scale (generated by bench/scale.py from scale.json)",
         "",
@@ -187,7 +301,7 @@ def write_report(result: dict, out: Path) -> None:
         "peak RSS is that process's kernel high-water mark (weights loading included). Calibration: random token ids.",
         "",
         f"Runtime baseline (a process that only imports torch, transformers and the package): "
-        f"{result['runtime_baseline_bytes'] / 2**30:.2f} GiB; the last columns compare the peak above it.",
+        f"{result.get('runtime_baseline_bytes', 0) / 2**30:.2f} GiB; the last columns compare the peak above it.",
         "",
         "| size | params | weights GiB | strategy | calib tokens | wall s | convert s | peak RSS GiB | peak / weights "
         "| goal GiB (1.3 x weights + calib) | within goal | (peak - runtime) / weights | within goal beyond runtime |",
@@ -202,12 +316,57 @@ def write_report(result: dict, out: Path) -> None:
         )
     from hf_attn_swap.eval.report import provenance_lines
 
-    p = result["provenance"]
-    lines += ["", f"Command: `{p['command']}` (each convert process: {p.get('convert_threads')} torch thread(s), "
-              f"{p.get('convert_dtype')}). Calibration: {p.get('calibration_note', '')}.", ""]
-    lines += provenance_lines(p)
-    (out / "scale.md").write_text("\n".join(lines))
+    p = result.get("provenance")
+    if p:
+        lines += ["", f"Command: `{p['command']}` (each convert process: {p.get('convert_threads')} torch thread(s), "
+                  f"{p.get('convert_dtype')}). Calibration: {p.get('calibration_note', '')}.", ""]
+        lines += provenance_lines(p)
+    else:
+        lines += ["", "Not measured yet: `python bench/scale.py --parts conversion`."]
+    lines += processes_lines(result.get("processes"), provenance_lines)
+    lines += parity_lines(result.get("parity"), provenance_lines)
+    (out / "scale.md").write_text("\n".join(lines) + "\n")
     plot(rows, out / "scale.png")
+
+
+def processes_lines(part: dict | None, provenance_lines) -> list[str]:
+    if not part:
+        return ["", "## Per-layer stage on 1 and 2 processes", "", "Not measured yet: `python bench/scale.py --parts "
+                "processes`."]
+    one, two = part["one"], part["two"]
+    lines = [
+        "", "## Per-layer stage on 1 and 2 processes", "",
+        f"`uptrain`'s per-layer stage on {part['model']} ({part['variant']}, {one['layers']} layers, "
+        f"{part['layerwise_tokens']} tokens, {part['layerwise_steps']} steps a layer), {part['threads_per_process']} "
+        "thread per process; the second run is `accelerate launch --multi_gpu --num_processes 2` (gloo on CPU), which "
+        "gives layer i to process i mod 2 and gathers the trained layers.", "",
+        "| processes | per-layer stage s | whole command s | speed-up | same weights as 1 process |",
+        "|---|---|---|---|---|",
+        f"| 1 | {one['layerwise_seconds']} | {one['wall_s']} | 1.00x | - |",
+        f"| 2 | {two['layerwise_seconds']} | {two['wall_s']} | {part['speedup']:.2f}x | "
+        f"{'yes' if part['same_weights'] else '**no**'} |", "",
+        f"Command: `{part['provenance']['command']}`.", "",
+    ]
+    return lines + provenance_lines(part["provenance"])
+
+
+def parity_lines(part: dict | None, provenance_lines) -> list[str]:
+    if not part:
+        return ["", "## bfloat16 against float32", "", "Not measured yet: `python bench/scale.py --parts parity`."]
+    lines = [
+        "", "## bfloat16 against float32", "",
+        f"{part['model']} perplexity on {part['tokens']} tokens of {part['corpus']} at context {part['context']}, "
+        f"{part['threads']} thread(s): the variant is swapped in float32, measured, cast to bfloat16 and measured "
+        "again. Goal: within 1%.", "",
+        "| variant | float32 | bfloat16 | difference | within 1% | s float32 | s bfloat16 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in part["rows"]:
+        lines.append(f"| {r['variant']} | {r['ppl_float32']:.3f} | {r['ppl_bfloat16']:.3f} | "
+                     f"{100 * r['relative']:+.2f}% | {'yes' if r['within_1_percent'] else '**no**'} | "
+                     f"{r['seconds_float32']} | {r['seconds_bfloat16']} |")
+    lines += ["", f"Command: `{part['provenance']['command']}`.", ""]
+    return lines + provenance_lines(part["provenance"])
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -247,6 +406,11 @@ def main() -> None:
     parser.add_argument("--calib-tokens", type=int, default=4096, help="calibration tokens for fit")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each convert process")
     parser.add_argument("--out", default=str(ROOT / "results"), help="folder for scale.json/.md/.png")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"what to measure, from {', '.join(PARTS)}; each "
+                        "replaces its own section of OUT/scale.json and keeps the others")
+    parser.add_argument("--layerwise-tokens", type=int, default=4096, help="processes: per-layer stage tokens")
+    parser.add_argument("--layerwise-steps", type=int, default=20, help="processes: per-layer steps a layer")
+    parser.add_argument("--parity-tokens", type=int, default=2048, help="parity: held-out tokens")
     parser.add_argument("--report-only", action="store_true", help="redraw scale.md/.png from OUT/scale.json")
     parser.add_argument("--build", default=None, help=argparse.SUPPRESS)  # internal: write one checkpoint
     args = parser.parse_args()
@@ -261,7 +425,21 @@ def main() -> None:
     unknown = [s for s in args.sizes.split(",") if s not in SIZES]
     if unknown:
         parser.error(f"unknown size(s) {unknown}; allowed: {', '.join(SIZES)}")
-    write_report(measure(args, Path(args.out)), Path(args.out))
+    parts = args.parts.split(",")
+    bad = [p for p in parts if p not in PARTS]
+    if bad:
+        parser.error(f"unknown part(s) {bad}; allowed: {', '.join(PARTS)}")
+    out = Path(args.out)
+    previous = json.loads((out / "scale.json").read_text()) if (out / "scale.json").is_file() else {}
+    result = dict(previous)
+    if "conversion" in parts:
+        conv = measure(args, out)
+        result = {**json.loads((out / "scale.json").read_text()), **conv}
+    for part, fn in (("processes", measure_processes), ("parity", measure_parity)):
+        if part in parts:
+            result[part] = fn(args)
+            write_report(result, out)  # each part kept as soon as it is measured
+    write_report(result, out)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Where and in what precision a command runs: device and dtype names checked before anything loads.
 
-``eval`` and ``uptrain`` take ``device`` (``cpu``, ``cuda``, ``cuda:1``, ``mps``) and ``dtype`` (``float32``,
+``eval``, ``convert`` and ``uptrain`` take ``device`` (``auto``, the default: the GPU when there is one; ``cpu``,
+``cuda``, ``cuda:1``, ``mps``) and ``dtype`` (``float32``,
 ``bfloat16``, ``float16``) as strings. :func:`resolve` turns them into torch objects or raises ONE ``ValueError``
 line saying what is allowed here: CUDA asked for where there is none, a device index past the last one, an unknown
 dtype name, or a dtype the device cannot compute in. The last is probed, not assumed: a small matmul, softmax and SDPA
@@ -49,12 +50,33 @@ def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
     return DTYPES[key]
 
 
-def resolve_device(name: str | torch.device) -> torch.device:
-    """A device name as a torch device that exists here; ``ValueError`` saying what is available otherwise."""
+def auto_device() -> torch.device:
+    """The device ``auto`` means here: this process's CUDA device (``LOCAL_RANK`` under ``accelerate launch`` /
+    ``torchrun``, else the first), else Apple MPS, else the CPU. ``accelerate launch --cpu`` keeps it on the CPU."""
+    import os
+
+    cpu_forced = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    if torch.cuda.is_available() and not cpu_forced:
+        rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
+        return torch.device("cuda", rank % max(torch.cuda.device_count(), 1))
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available() and not cpu_forced:
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_device(name: str | torch.device | None) -> torch.device:
+    """A device name as a torch device that exists here; ``ValueError`` saying what is available otherwise.
+
+    ``auto`` (and None) picks :func:`auto_device`: the GPU when there is one, so a user with a GPU need not say so.
+    """
+    if name is None or (isinstance(name, str) and name.strip().lower() == "auto"):
+        return auto_device()
     try:
         device = torch.device(name)
     except (RuntimeError, TypeError, ValueError):
-        raise ValueError(f"unknown device {name!r}; available here: {', '.join(available_devices())}") from None
+        raise ValueError(f"unknown device {name!r}; allowed: auto, cpu, cuda, cuda:N, mps (available here: "
+                         f"{', '.join(available_devices())})") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             why = "this torch has no CUDA support" if torch.version.cuda is None else "no CUDA device is visible"
@@ -69,7 +91,7 @@ def resolve_device(name: str | torch.device) -> torch.device:
             raise ValueError(f"device={str(name)!r} needs Apple MPS, which is not available; available here: "
                              f"{', '.join(available_devices())}")
     elif device.type != "cpu":
-        raise ValueError(f"device={str(name)!r} is not supported; allowed: cpu, cuda, cuda:N, mps (available here: "
+        raise ValueError(f"device={str(name)!r} is not supported; allowed: auto, cpu, cuda, cuda:N, mps (available here: "
                          f"{', '.join(available_devices())})")
     return device
 
@@ -103,7 +125,7 @@ def resolve(device: str | torch.device, dtype: str | torch.dtype) -> tuple[torch
     return dev, dt
 
 
-__all__ = ["DTYPES", "available_devices", "dtype_name", "resolve", "resolve_device", "resolve_dtype"]
+__all__ = ["DTYPES", "auto_device", "available_devices", "dtype_name", "resolve", "resolve_device", "resolve_dtype"]
 
 
 #: the package-level name of :func:`resolve` (``hf_attn_swap.resolve_device_dtype``).

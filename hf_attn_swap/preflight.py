@@ -32,24 +32,11 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
 
 
 def parse_device(name: str | torch.device | None) -> torch.device:
-    """A device the machine has: ``cpu``, ``cuda``/``cuda:N`` with CUDA present, ``mps`` where available."""
-    if name is None:
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unknown device {name!r}; allowed: cpu, cuda, cuda:N, mps") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {name!r} asked for but CUDA is not available here; allowed: cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif device.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise ValueError(f"device {name!r} asked for but MPS is not available here; allowed: cpu")
-    elif device.type != "cpu":
-        raise ValueError(f"unsupported device {name!r}; allowed: cpu, cuda, cuda:N, mps")
-    return device
+    """A device the machine has (see :func:`hf_attn_swap.devices.resolve_device`; ``auto`` picks the GPU when there
+    is one); None is the CPU."""
+    from .devices import resolve_device
+
+    return torch.device("cpu") if name is None else resolve_device(name)
 
 
 def check_dtype_on_device(dtype: torch.dtype, device: torch.device) -> None:

@@ -173,7 +173,7 @@ def load_model(
             from the safetensors file: no float32 copy of a bfloat16 checkpoint is made).
         attn_implementation: Passed to ``from_pretrained`` (e.g. ``"eager"``, ``"sdpa"``); None lets
             transformers choose.
-        device: Where the weights are loaded (``"cpu"``, ``"cuda:0"``...; passed as ``device_map``);
+        device: Where the weights are loaded (``"auto"``, ``"cpu"``, ``"cuda:0"``...; passed as ``device_map``);
             None keeps transformers' default (CPU).
 
     A local folder is checked before any weight is read (:func:`hf_attn_swap.preflight.preflight`):
@@ -190,6 +190,8 @@ def load_model(
 
     entry = MODELS.get(str(name_or_path))
     dtype = parse_dtype(dtype)
+    if device is not None:
+        device = parse_device(device)  # "auto" becomes the GPU (or cpu) here, before device_map sees it
     text = str(name_or_path)
     if Path(text).expanduser().is_dir() or text.startswith(("/", ".", "~")) or text.count("/") > 1:
         preflight(name_or_path, dtype, device)  # a local folder: refuse bad input before reading weights

@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _script(name: str):
     spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -71,3 +72,42 @@ def test_gqa_strategies_writer_records_both_models(tmp_path, monkeypatch):
 def test_bench_options_take_no_free_text_notes():
     for name in ("variants", "gqa_strategies"):
         assert "--note" not in (ROOT / "bench" / f"{name}.py").read_text()
+
+
+def test_scale_parts_replace_only_their_own_section_and_render_from_the_json(tmp_path, monkeypatch):
+    """bench/scale.py --parts parity keeps the committed conversion rows and adds the parity table built from the
+    JSON; a later --parts processes keeps both. (The measurements themselves take minutes and are replaced.)"""
+    bench = _script("scale")
+    out = tmp_path / "res"
+    out.mkdir()
+    committed = json.loads((ROOT / "results" / "scale.json").read_text())
+    (out / "scale.json").write_text(json.dumps({k: committed[k] for k in ("provenance", "runtime_baseline_bytes",
+                                                                          "rows")}))
+    prov = {"command": "python bench/scale.py --parts X", "git": {"commit": "abc"}}
+    parity = {"model": "smollm2-135m", "corpus": "shakespeare (validation)", "tokens": 2048, "context": 512,
+              "threads": 1, "provenance": prov,
+              "rows": [{"variant": "flash", "ppl_float32": 40.0, "ppl_bfloat16": 40.5, "relative": 0.0125,
+                        "within_1_percent": False, "seconds_float32": 1.0, "seconds_bfloat16": 5.0}]}
+    procs = {"model": "smollm2-135m", "variant": "mqa:strategy=mean", "layerwise_tokens": 4096, "layerwise_steps": 20,
+             "threads_per_process": 1, "speedup": 1.874, "same_weights": True, "provenance": prov,
+             "one": {"layerwise_seconds": 90.0, "wall_s": 120.0, "layers": 30},
+             "two": {"layerwise_seconds": 48.0, "wall_s": 80.0, "layers": 30}}
+    monkeypatch.setattr(bench, "measure_parity", lambda args: parity)
+    monkeypatch.setattr(bench, "measure_processes", lambda args: procs)
+    monkeypatch.setattr(bench, "measure", lambda *a, **k: (_ for _ in ()).throw(AssertionError("not asked for")))
+    monkeypatch.setattr(sys, "argv", ["scale.py", "--parts", "parity", "--out", str(out)])
+    bench.main()
+    saved = json.loads((out / "scale.json").read_text())
+    assert saved["rows"] == committed["rows"] and saved["parity"] == parity and "processes" not in saved
+    md = (out / "scale.md").read_text()
+    assert "| flash | 40.000 | 40.500 | +1.25% | **no** |" in md
+    assert "Not measured yet: `python bench/scale.py --parts processes`" in md
+    monkeypatch.setattr(sys, "argv", ["scale.py", "--parts", "processes", "--out", str(out)])
+    bench.main()
+    saved = json.loads((out / "scale.json").read_text())
+    assert saved["rows"] == committed["rows"] and saved["parity"] == parity and saved["processes"] == procs
+    assert "| 2 | 48.0 | 80.0 | 1.87x | yes |" in (out / "scale.md").read_text()
+    monkeypatch.setattr(sys, "argv", ["scale.py", "--parts", "speed", "--out", str(out)])
+    with __import__("pytest").raises(SystemExit):
+        bench.main()  # an unknown part: argparse's one line, nothing rewritten
+    assert json.loads((out / "scale.json").read_text()) == saved

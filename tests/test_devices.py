@@ -42,6 +42,32 @@ def test_dtype_names_and_aliases():
         resolve_dtype("float8")
 
 
+def test_auto_is_the_gpu_when_there_is_one_else_the_cpu(monkeypatch):
+    from hf_attn_swap.devices import auto_device, resolve_device
+
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    if not torch.cuda.is_available():
+        assert resolve_device("auto") == torch.device("cpu") and resolve_device(None) == torch.device("cpu")
+    # a machine with 4 GPUs: rank 2 of an accelerate/torchrun launch takes cuda:2; accelerate's --cpu keeps the CPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert auto_device() == torch.device("cuda", 0)
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    assert resolve_device("AUTO") == torch.device("cuda", 2)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    assert auto_device() == torch.device("cpu")
+
+
+def test_every_entry_point_defaults_to_auto():
+    from hf_attn_swap.commands.convert import ConvertConfig
+    from hf_attn_swap.eval.config import EvalConfig
+    from hf_attn_swap.train.config import UptrainConfig
+
+    assert ConvertConfig.__dataclass_fields__["device"].default == "auto"
+    assert EvalConfig().device == "auto" and UptrainConfig().device == "auto"
+
+
 def test_cpu_runs_every_dtype_here():
     for name in devices.DTYPES:
         assert resolve("cpu", name) == (torch.device("cpu"), devices.DTYPES[name])
@@ -55,8 +81,9 @@ def test_cuda_without_cuda_says_what_is_available(name):
 
 
 def test_unknown_device_is_one_line():
-    with pytest.raises(ValueError, match=r"^unknown device 'gpu0'; available here: cpu"):
+    with pytest.raises(ValueError, match=r"^unknown device 'gpu0'; allowed: auto, .*\(available here: cpu") as err:
         resolve("gpu0", "float32")
+    assert "\n" not in str(err.value)
 
 
 def test_dtype_the_device_cannot_run_lists_those_it_can(no_float16_matmul):

@@ -16,11 +16,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from tiny_models import save_tiny_llama
 
 from hf_attn_swap.checkpoint import load_swapped
 from hf_attn_swap.train import UptrainConfig, layerwise_transfer, uptrain
-from hf_attn_swap.zoo import resolve_model
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("dist_worker.py")
@@ -29,15 +28,7 @@ WORKER = Path(__file__).with_name("dist_worker.py")
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
     """A tiny random llama (4 layers, so each of 2 processes owns 2) saved with SmolLM2's real tokenizer."""
-    tok = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      tie_word_embeddings=True)
-    out = tmp_path_factory.mktemp("tiny4")
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny4"), layers=4)
 
 
 def config(base: Path, out: Path, **kw) -> UptrainConfig:

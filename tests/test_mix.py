@@ -7,13 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from tiny_models import save_tiny_llama
+from transformers import AutoTokenizer, LlamaForCausalLM
 
 from hf_attn_swap import data as data_mod
 from hf_attn_swap.cliconfig import ConfigError
 from hf_attn_swap.data import _chunks, load_documents, load_text, tokenize
 from hf_attn_swap.train import UptrainConfig, uptrain
-from hf_attn_swap.train.mix import (build_stage_data, check_sources, recall_blocks, split_counts, teacher_samples)
+from hf_attn_swap.train.mix import check_sources, recall_blocks, split_counts, teacher_samples
 from hf_attn_swap.train.pipeline import prepare_data
 from hf_attn_swap.zoo import resolve_model
 
@@ -28,14 +29,7 @@ def tok():
 @pytest.fixture(scope="module")
 def base(tmp_path_factory, tok) -> Path:
     """A tiny random llama (2 layers, 4 heads, 2 KV heads) saved with SmolLM2's real tokenizer."""
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=True)
-    out = tmp_path_factory.mktemp("tiny")
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny"), max_positions=256)
 
 
 def small(base: Path, out: Path, **kw) -> UptrainConfig:
@@ -177,8 +171,6 @@ def test_check_sources_accepts_paths_and_known_names(tmp_path):
 # ---- the across-domains report (recipes/uptrain_domains.py)
 
 def _write_domains_config(tmp_path: Path, base: Path, goals: str = "") -> Path:
-    from hf_attn_swap.train.domains import DEFAULT_GOALS  # noqa: F401
-
     cfg = small(base, tmp_path / "run", mix={"shakespeare": 1, "recall": 1})
     cfg_path = tmp_path / "mqa.yaml"
     cfg.save(cfg_path)
@@ -201,6 +193,10 @@ def test_uptrain_domains_report_checks_goals_from_the_figures(base, tmp_path):
     assert run["min_domain_recovery"] == min(r["recovery"] for r in saved["domains"].values())
     # goals are computed: an unreachable passkey goal is "not reached", a trivially low recovery goal "reached"
     assert run["goals"]["held_out_recovery"] is True and run["goals"]["passkey"] is None  # passkey not probed
+    # the aggregate names the weights and text its runs used (this process loaded none of them)
+    prov = report["provenance"]
+    assert prov["models"] == saved["provenance"]["models"] and prov["models"][0].get("weights_sha256")
+    assert prov["corpora"] == saved["provenance"]["corpora"] and prov["dtype"] == saved["provenance"]["dtype"]
     assert (tmp_path / "res" / "uptrain_domains.png").stat().st_size > 10_000
     md = (tmp_path / "res" / "uptrain_domains.md").read_text()
     assert "| sotu | **yes** |" in md and render(md, tmp_path / "res", tmp_path) == md  # equal to its JSON

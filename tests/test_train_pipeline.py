@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import save_tiny_llama
 from plain_perplexity import plain_perplexity
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_attn_swap.checkpoint import load_swapped
 from hf_attn_swap.data import load_text, tokenize
 from hf_attn_swap.train import UptrainConfig, uptrain
-from hf_attn_swap.zoo import resolve_model
 
 torch.set_num_threads(2)
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,15 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
     """A tiny random llama (2 layers, 4 heads, 2 KV heads) saved with SmolLM2's real tokenizer."""
-    tok = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      tie_word_embeddings=True)
-    out = tmp_path_factory.mktemp("tiny")
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny"))
 
 
 def small(base: Path, out: Path, **kw) -> UptrainConfig:

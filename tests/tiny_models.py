@@ -49,3 +49,18 @@ def output(model: torch.nn.Module, ids: torch.Tensor, **kw) -> torch.Tensor:
 
 def is_causal_lm(model: torch.nn.Module) -> bool:
     return hasattr(model, "generate") and not isinstance(model, tf.BertModel)
+
+
+def save_tiny_llama(out, *, layers: int = 2, max_positions: int = 128, seed: int = 0):
+    """Save a tiny random llama (hidden 32, 4 heads, 2 KV heads, tied embeddings) with SmolLM2's real tokenizer into
+    ``out``, for the uptraining tests that need a real tokenizer and real text but not real weights."""
+    from hf_attn_swap.zoo import resolve_model
+
+    tok = tf.AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
+    torch.manual_seed(seed)
+    cfg = tf.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
+                         tie_word_embeddings=True)
+    tf.LlamaForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

@@ -30,7 +30,8 @@ class ConvertConfig:
     overwrite: bool = opt(False, help="allow saving into an output directory that already holds a model")
     dtype: str = opt("float32", choices=("float32", "bfloat16", "float16"),
                      help="dtype the weights are loaded, calibrated and saved in")
-    device: str | None = opt(None, help="where the model is loaded and calibrated: cpu, cuda, cuda:N (null = cpu)")
+    device: str = opt("auto", help=(
+        "where the model is loaded and calibrated: auto (the GPU when there is one, else cpu), cpu, cuda, cuda:N"))
 
     def __post_init__(self) -> None:
         check_fields(self)

@@ -137,7 +137,7 @@ class EvalConfig:
     out: str = opt("results/eval_default", help="output directory")
     overwrite: bool = opt(False, help="allow writing into an output directory that already holds results")
     dtype: str = opt("float32", choices=DTYPES, help="model dtype")
-    device: str = opt("cpu", help="cpu, cuda, cuda:0, ...")
+    device: str = opt("auto", help="auto (the GPU when there is one, else cpu), cpu, cuda, cuda:0, ...")
     eval_threads: int | None = opt(1, min=1, help=(
         "torch threads for perplexity, passkey and calibration (1: on a small shared CPU one thread contends "
         "least; null = torch's default)"))

@@ -96,7 +96,9 @@ class UptrainConfig:
     threads: int | None = opt(1, min=1, help=(
         "torch CPU threads (1: on a busy 2-core machine two threads stall on small matmuls; raise it on an idle or "
         "larger machine; null = torch's default)"))
-    device: str = opt("cpu", help="where the student, the teacher and every batch run: cpu, cuda, cuda:N, mps")
+    device: str = opt("auto", help=(
+        "where the student, the teacher and every batch run: auto (the GPU when there is one, else cpu), cpu, cuda, "
+        "cuda:N, mps"))
     dtype: str = opt("float32", help=(
         "parameter dtype of student and teacher: float32 or bfloat16 (bf16); float16 is refused (loss scaling)"))
     progress: bool = opt(True, help="progress bars")

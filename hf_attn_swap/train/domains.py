@@ -116,6 +116,23 @@ def summarize(result: dict[str, Any], goals: dict[str, float]) -> dict[str, Any]
     return summary
 
 
+def same_config(saved: dict[str, Any] | None, current: dict[str, Any]) -> bool:
+    """Whether a run's saved config is ``current``, with ``device: auto`` read as the device it means here (a run
+    saved before ``auto`` became the default recorded ``cpu``)."""
+    from ..devices import resolve_device
+
+    if saved is None:
+        return False
+
+    def norm(c: dict[str, Any]) -> dict[str, Any]:
+        return {**c, "device": str(resolve_device(c.get("device") or "auto"))}
+
+    try:
+        return norm(saved) == norm(current)
+    except ValueError:  # a device this machine does not have: not the same run
+        return False
+
+
 def run_domains(config: str | Path, out: str | Path, *, command: str, reuse: bool = False,
                 only: list[str] | None = None) -> dict[str, Any]:
     """Run (or reuse) every uptraining run of ``config`` and write ``out.{json,md,png}``.
@@ -134,12 +151,13 @@ def run_domains(config: str | Path, out: str | Path, *, command: str, reuse: boo
             raise DomainsError(f"--only names unknown run(s) {missing}; runs: {', '.join(r['name'] for r in runs)}")
     cfgs = {r["name"]: UptrainConfig.load(r["config"]) for r in runs}  # every config checked before any training
     report: dict[str, Any] = {"command": command, "goals": goals, "runs": {}}
+    run_results: list[dict[str, Any]] = []
     for run in runs:
         name, path = run["name"], Path(run["results"])
         cfg = cfgs[name]
         previous = json.loads(path.read_text()) if path.is_file() else None
         wanted = only is None or name in only
-        if previous is not None and (not wanted or reuse) and previous.get("config") == cfg.to_dict():
+        if previous is not None and (not wanted or reuse) and same_config(previous.get("config"), cfg.to_dict()):
             logger.info("uptrain_domains: %s: reusing %s", name, path)
             result = previous
         elif not wanted:
@@ -151,12 +169,26 @@ def run_domains(config: str | Path, out: str | Path, *, command: str, reuse: boo
             result = uptrain(cfg, overwrite=True).to_dict()  # the configs' own run folders under runs/
             write_run_results(result, path, f"{command}  # run {name}: {run['config']}")
             result = json.loads(path.read_text())
+        run_results.append(result)
         report["runs"][name] = {"config": run["config"], "results": str(path), **summarize(result, goals),
                                 "domains": result.get("domains"), "passkey_by_stage": result.get("passkey"),
                                 "curve": [{k: c.get(k) for k in ("stage", "tokens", "train_cpu_seconds", "domains",
                                                                  "passkey")} for c in result.get("curve", [])],
                                 "git": (result.get("provenance") or {}).get("git")}
     report["provenance"] = provenance()
+    # This report is an aggregate: the weights, text, dtype and device are those of the runs it quotes (each run's
+    # own JSON keeps its full record); this process loaded none of them.
+    for key in ("models", "corpora"):
+        merged: list[Any] = []
+        for result in run_results:
+            for item in ((result.get("provenance") or {}).get(key) or []):
+                if item not in merged:
+                    merged.append(item)
+        report["provenance"][key] = merged
+    firsts = [r.get("provenance") or {} for r in run_results]
+    for key in ("device", "dtype", "torch_threads"):
+        values = {json.dumps(f.get(key)) for f in firsts if f.get(key) is not None}
+        report["provenance"][key] = json.loads(values.pop()) if len(values) == 1 else sorted(values) or None
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     js = out.with_suffix(".json")
