@@ -77,6 +77,10 @@ def local_weights(path: str | os.PathLike[str]) -> dict[str, Any]:
             "weights_sha256": {str(f.relative_to(root)): sha256_file(f) for f in files}}
 
 
+#: top-level folders of a checkout that hold what runs write (results files, run folders), not code.
+OUTPUT_DIRS = ("results/", "runs/")
+
+
 def git_state(path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """Commit and dirtiness of the git checkout holding ``path`` (default: this package's source).
 
@@ -84,7 +88,8 @@ def git_state(path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
         path: Any file or folder inside the checkout.
 
     Returns:
-        ``{"commit": sha, "dirty": bool}``, or ``{"commit": None, "dirty": None, "reason": why}`` outside a
+        ``{"commit": sha, "dirty": bool}`` (dirty: any change outside :data:`OUTPUT_DIRS`, tracked or not, listed
+        in ``dirty_files``; changed outputs are counted in ``outputs_changed``), or ``{"commit": None, "dirty": None, "reason": why}`` outside a
         git checkout (an installed wheel) or without a ``git`` command.
     """
     where = Path(path) if path is not None else Path(__file__).resolve().parent
@@ -100,7 +105,15 @@ def git_state(path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
                                 timeout=30)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return {"commit": None, "dirty": None, "reason": f"git is not usable here ({type(exc).__name__}: {exc})"}
-    return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
+    changed = [line[3:].split(" -> ")[-1].strip('"') for line in status.stdout.splitlines() if line.strip()]
+    code = [f for f in changed if not f.startswith(OUTPUT_DIRS)]
+    state: dict[str, Any] = {"commit": commit.stdout.strip(), "dirty": bool(code)}
+    if code:
+        state["dirty_files"] = code[:20]  # which edits ran (the first 20): a reader can tell a typo from new code
+    if len(code) < len(changed):
+        # a run writes its own results (and a long run may write several): those are outputs, not the code that ran
+        state["outputs_changed"] = len(changed) - len(code)
+    return state
 
 
 def package_versions(names: Iterable[str] = PACKAGES) -> dict[str, str | None]:

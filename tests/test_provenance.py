@@ -40,7 +40,15 @@ def test_git_state_follows_commits_and_edits(tmp_path):
     assert prov.git_state(repo)["dirty"] is True
     _git(repo, "checkout", "-q", "a.py")
     (repo / "new.py").write_text("")  # an untracked module changes what runs too
-    assert prov.git_state(repo)["dirty"] is True
+    assert prov.git_state(repo)["dirty"] is True and prov.git_state(repo)["dirty_files"] == ["new.py"]
+    (repo / "new.py").unlink()
+    # what runs write into the checkout (results files, run folders) is output, not a change to the code that ran
+    (repo / "results").mkdir()
+    (repo / "results" / "r.json").write_text("{}")
+    (repo / "runs").mkdir()
+    (repo / "runs" / "log.txt").write_text("")
+    state = prov.git_state(repo)
+    assert state["dirty"] is False and state["outputs_changed"] == 2 and "dirty_files" not in state
 
 
 def test_git_state_outside_a_checkout_says_why(tmp_path):
