@@ -221,3 +221,31 @@ def test_speed_at_scale_results_command_end_to_end(tmp_path, monkeypatch):
     assert "## Measured against predicted" in md and "## Projected" in md and "datasheet" in md
     assert (tmp_path / "res" / "sas_decode.png").stat().st_size > 0
     assert (tmp_path / "res" / "sas_projected.png").stat().st_size > 0
+    # no point at 8k x 8 in this run: the goals section says so instead of inventing a verdict
+    assert data["goals"] == [] and "Not measured: the run had no point at context 8192 x batch 8" in md
+    assert bench.main(["--report-only", "--out", str(out)]) == 0
+    assert out.with_suffix(".md").read_text() == md
+
+
+def test_speed_at_scale_goals_are_computed_from_the_figures():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "speed_at_scale.py"
+    spec = importlib.util.spec_from_file_location("speed_at_scale_goals", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def data(base_ms, mqa_ms):
+        rows = [{"cache": "static", "compiled": False, "variant": v, "context": 8192, "batch": 8, "measured_ms": m,
+                 "predicted_ms": p} for v, m, p in (("baseline", base_ms, 200.0), ("mqa:strategy=mean", mqa_ms, 80.0))]
+        rows.append({"cache": "static", "compiled": False, "variant": "baseline", "context": 512, "batch": 8,
+                     "measured_ms": 999.0, "predicted_ms": 1.0})  # another shape: not the goal's
+        return {"measured": rows, "speedups": bench.speedups(rows)}
+
+    (g,) = bench.goals(data(380.0, 160.0))  # 1.9x the roofline; speed-up 2.375 of a predicted 2.5 (0.95)
+    assert g["baseline_measured_over_predicted"] == pytest.approx(1.9) and g["step_goal_met"] is True
+    assert g["mqa_speedup_ratio"] == pytest.approx(0.95) and g["speedup_goal_met"] is True
+    (g,) = bench.goals(data(420.0, 200.0))  # 2.1x; speed-up 2.1 of 2.5 (0.84)
+    assert g["step_goal_met"] is False and g["speedup_goal_met"] is False
+    assert "**not met**" in "\n".join(bench.goal_lines(data(420.0, 200.0)))
