@@ -111,3 +111,26 @@ def test_scale_parts_replace_only_their_own_section_and_render_from_the_json(tmp
     with __import__("pytest").raises(SystemExit):
         bench.main()  # an unknown part: argparse's one line, nothing rewritten
     assert json.loads((out / "scale.json").read_text()) == saved
+
+
+@__import__("pytest").mark.real
+def test_layerwise_overfit_runs_on_real_weights_and_its_report_is_its_json(tmp_path):
+    """bench/layerwise_overfit.py at toy sizes on SmolLM2 (about a minute): three settings, curves that start at the
+    converted layer's error and end at the reported one, the Markdown equal to its JSON, the plot written."""
+    bench = _script("layerwise_overfit")
+    out = tmp_path / "lo"
+    assert bench.main(["--rows-tokens", "640", "--steps", "4", "--every", "2", "--calib-tokens", "640",
+                       "--held-tokens", "512", "--block", "128", "--layers", "1,2", "--out", str(out)]) == 0
+    res = json.loads(out.with_suffix(".json").read_text())
+    assert [r["setting"] for r in res["runs"]] == ["default", "4x steps, same rows", "3x rows, 1.5x steps"]
+    assert [r["steps"] for r in res["runs"]] == [4, 16, 6] and res["runs"][2]["tokens"] == 3 * res["runs"][0]["tokens"]
+    for r in res["runs"]:
+        for layer in ("1", "2"):
+            curve = r["layers"][layer]["curve"]
+            assert curve[0]["step"] == 0 and curve[-1]["step"] == r["steps"]
+            # every setting starts from the same converted layer
+            assert curve[0]["held_out"] == res["runs"][0]["layers"][layer]["curve"][0]["held_out"]
+            assert curve[-1]["held_out"] == r["layers"][layer]["held_out"]
+    assert res["provenance"]["models"][0]["name"] == "smollm2-135m"
+    assert readme.main(["--check", str(out.with_suffix(".md")), "--root", str(ROOT)]) == 0
+    assert out.with_suffix(".png").stat().st_size > 10_000

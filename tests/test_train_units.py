@@ -146,6 +146,27 @@ def test_layerwise_transfer_lowers_attention_mse():
             assert torch.equal(a, b), n
 
 
+def test_layerwise_on_steps_sees_each_layer_at_the_start_every_k_steps_and_the_end():
+    """The hook bench/layerwise_overfit.py draws its curves with: called under no_grad with the module being trained,
+    and calling it changes nothing about the training."""
+    teacher = tiny()
+    ids = data(8, 32)
+    seen = []
+
+    def on_steps(layer, done, module):
+        assert not torch.is_grad_enabled() and module is attention_sites(student)[layer].module
+        seen.append((layer, done))
+
+    plain = swap_attention(copy.deepcopy(teacher), "mqa", strategy="mean")
+    student = swap_attention(copy.deepcopy(teacher), "mqa", strategy="mean")
+    a = layerwise_transfer(plain, teacher, ids, steps=5, lr=1e-2, batch_rows=4)
+    b = layerwise_transfer(student, teacher, ids, steps=5, lr=1e-2, batch_rows=4, on_steps=on_steps, on_steps_every=2)
+    assert seen == [(0, 0), (0, 2), (0, 4), (0, 5), (1, 0), (1, 2), (1, 4), (1, 5)]
+    assert [s.mse_after for s in a.layers] == [s.mse_after for s in b.layers]
+    for x, y in zip(plain.parameters(), student.parameters()):
+        assert torch.equal(x, y)
+
+
 def test_attention_transfer_objective_lowers_attention_mse(tmp_path):
     teacher = tiny()
     student = select_trainable(swap_attention(copy.deepcopy(teacher), "mqa", strategy="mean"), "attention")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -193,6 +194,8 @@ def layerwise_transfer(
     batch_rows: int = 4,
     seed: int = 0,
     progress: bool = False,
+    on_steps: Callable[[int, int, nn.Module], None] | None = None,
+    on_steps_every: int = 10,
 ) -> LayerwiseResult:
     """Train each student attention module to reproduce the teacher module's output on the teacher's inputs.
 
@@ -208,6 +211,10 @@ def layerwise_transfer(
         seed: order of the minibatches; layer ``i`` draws from its own generator seeded with ``seed + i``, so a
             layer's result does not depend on which other layers are trained with it (or on which process).
         progress: show a progress bar over layers for this call (else :func:`hf_attn_swap.progress.enable`).
+        on_steps: called as ``on_steps(layer, steps_done, module)`` before the first step and after every
+            ``on_steps_every`` steps and the last (under ``torch.no_grad``, the module in eval mode): to record how
+            a layer's error on other text moves as it trains (``bench/layerwise_overfit.py``).
+        on_steps_every: steps between two ``on_steps`` calls.
 
     Returns:
         Per-layer attention-output MSE before and after.
@@ -257,13 +264,19 @@ def layerwise_transfer(
                 opt = torch.optim.Adam(params, lr=lr)
                 sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
                 gen = torch.Generator().manual_seed(seed + i)  # per layer: the split across processes cannot matter
-                for _ in range(steps):
+                if on_steps is not None:
+                    with torch.no_grad():
+                        on_steps(i, 0, module)
+                for step in range(steps):
                     rows = torch.randperm(n_rows, generator=gen)[:batch_rows]
                     loss = (_module_out(module, x_all[rows], kwargs) - y_all[rows]).pow(2).mean() / scale
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
                     sched.step()
+                    if on_steps is not None and ((step + 1) % on_steps_every == 0 or step + 1 == steps):
+                        with torch.no_grad():
+                            on_steps(i, step + 1, module)
                 for p in params:
                     p.requires_grad_(False)
             with torch.no_grad():
