@@ -127,6 +127,25 @@ def measure(args, models, shape, vshapes, hw) -> list[dict]:
     return rows
 
 
+def profile_cells(done: list[dict], context: int | None = None) -> list[tuple[str, str, int, int]]:
+    """(cache, variant, context, batch) to profile: at the largest batch measured, the largest context at which every
+    (cache, variant) measured anywhere was measured (so the rows compare), else each pair at its own largest context
+    there. Only measured cells: a cell skipped because its cache did not fit is never profiled (it would not fit)."""
+    if not done:
+        return []
+    bmax = max(r["batch"] for r in done)
+    at = {(r["cache"], r["variant"], r["context"]) for r in done if r["batch"] == bmax}
+    pairs = sorted({(r["cache"], r["variant"]) for r in done})
+    contexts = sorted({c for _, _, c in at})
+    if context is not None:
+        return [(m, k, context, bmax) for m, k in pairs if (m, k, context) in at]
+    common = [c for c in contexts if all((m, k, c) in at for m, k in pairs)]
+    if common:
+        return [(m, k, common[-1], bmax) for m, k in pairs]
+    return [(m, k, max(c for mm, kk, c in at if (mm, kk) == (m, k)), bmax) for m, k in pairs
+            if any((mm, kk) == (m, k) for mm, kk, _ in at)]
+
+
 def speedups(rows: list[dict]) -> list[dict]:
     """Measured and predicted speed-up of every variant over the baseline, per cell."""
     out = []
@@ -403,14 +422,15 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         rows = measure(args, models, shape, vshapes, hw)
         done = [r for r in rows if "measured_ms" in r]
+        # the measurements are kept before profiling: a run stopped there (time, memory) still has its tables
+        partial = {"provenance": provenance(args, model, str(next(model.parameters()).dtype)),
+                   "cpu_profile": hw.to_dict(), "model_shape": shape.to_dict(), "measured": rows,
+                   "speedups": speedups(rows), "profile": [], "gpu_profiles": [], "plan": []}
+        out.with_suffix(".json").write_text(json.dumps(partial, indent=2))
         profile = []
-        if done:
-            bmax = max(r["batch"] for r in done)
-            cprof = args.profile_context or max(r["context"] for r in done if r["batch"] == bmax)
-            for r in {(r["cache"], r["variant"]) for r in done}:
-                mode, k = r
-                prof = profile_decode_step(models[k], cprof, bmax, static=mode == "static", steps=2)
-                profile.append({"cache": mode, "variant": k, "context": cprof, "batch": bmax, **prof})
+        for mode, k, c, b in profile_cells(done, args.profile_context):
+            prof = profile_decode_step(models[k], c, b, static=mode == "static", steps=2)
+            profile.append({"cache": mode, "variant": k, "context": c, "batch": b, **prof})
         profile.sort(key=lambda r: (r["cache"], r["variant"]))
     data = {
         "provenance": provenance(args, model, str(next(model.parameters()).dtype)),

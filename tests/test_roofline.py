@@ -249,3 +249,24 @@ def test_speed_at_scale_goals_are_computed_from_the_figures():
     (g,) = bench.goals(data(420.0, 200.0))  # 2.1x; speed-up 2.1 of 2.5 (0.84)
     assert g["step_goal_met"] is False and g["speedup_goal_met"] is False
     assert "**not met**" in "\n".join(bench.goal_lines(data(420.0, 200.0)))
+
+
+def test_speed_at_scale_profiles_only_cells_that_were_measured():
+    """The profile step once ran the baseline at 32k x 16, a cell skipped because its cache did not fit, and the
+    machine ran out of memory: it profiles at the largest context every variant was measured at, largest batch."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "speed_at_scale.py"
+    spec = importlib.util.spec_from_file_location("speed_at_scale_profile", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    done = [{"cache": "static", "variant": v, "context": c, "batch": b, "measured_ms": 1.0}
+            for v, c, b in (("baseline", 2048, 16), ("mqa", 2048, 16), ("mqa", 32768, 16), ("baseline", 32768, 8),
+                            ("linear", 2048, 16), ("linear", 32768, 16))]
+    assert bench.profile_cells(done) == [("static", "baseline", 2048, 16), ("static", "linear", 2048, 16),
+                                         ("static", "mqa", 2048, 16)]
+    assert bench.profile_cells(done, 32768) == [("static", "linear", 32768, 16), ("static", "mqa", 32768, 16)]
+    # no context common to all: each pair at its own largest measured context at the largest batch
+    assert bench.profile_cells(done[2:3] + done[4:5]) == [("static", "linear", 2048, 16), ("static", "mqa", 32768, 16)]
+    assert bench.profile_cells([]) == []
