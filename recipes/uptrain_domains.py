@@ -5,7 +5,8 @@
 For every run named in the config it writes what ``recipes/uptrain.py --results`` writes (``results/<run>.json`` and
 ``.md``), then ``results/uptrain_domains.{json,md,png}``: per run and domain the perplexity after every stage, the
 recovered share of the log-perplexity gap, passkey accuracy, the training CPU time, and the issue's goals checked by
-code. ``--reuse`` takes a run's JSON as it is when its config matches (to redraw the report without training again).
+code. ``--reuse`` trains nothing: it takes a run's JSON as it is when its config matches and leaves the other runs out
+(to redraw the report).
 Thin over :mod:`hf_attn_swap.train.domains`.
 """
 
@@ -24,7 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default=str(ROOT / "recipes/configs/domains.yaml"),
                    help="YAML: runs: [{name, config, results}], goals")
     p.add_argument("--out", default="results/uptrain_domains", help="report path without suffix")
-    p.add_argument("--reuse", action="store_true", help="reuse a run's results JSON when its config matches")
+    p.add_argument("--reuse", action="store_true", help="train nothing: report the runs whose results JSON holds "
+                   "their current config, leave the others out (with a warning)")
     p.add_argument("--only", nargs="*", help="run only these run names (the others are reused)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

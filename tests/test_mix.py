@@ -203,7 +203,7 @@ def _write_domains_config(tmp_path: Path, base: Path, goals: str = "") -> Path:
     return spec
 
 
-def test_uptrain_domains_report_checks_goals_from_the_figures(base, tmp_path):
+def test_uptrain_domains_report_checks_goals_from_the_figures(base, tmp_path, monkeypatch):
     import json
 
     from hf_attn_swap.readme import render
@@ -224,11 +224,23 @@ def test_uptrain_domains_report_checks_goals_from_the_figures(base, tmp_path):
     assert (tmp_path / "res" / "uptrain_domains.png").stat().st_size > 10_000
     md = (tmp_path / "res" / "uptrain_domains.md").read_text()
     assert "| sotu | **yes** |" in md and render(md, tmp_path / "res", tmp_path) == md  # equal to its JSON
+    # the cross-run table: final held-out perplexity beside the original's, from the run's own domain table
+    sotu = saved["domains"]["sotu"]
+    assert f"| mqa | mqa:strategy=mean | {sotu[saved['curve'][-1]['stage']]:.1f} ({sotu['original']:.1f}) |" in md
     # --reuse takes the run's JSON as it is (same config): nothing is trained again
     before = (tmp_path / "res" / "mqa.json").stat().st_mtime_ns
     again = run_domains(spec, tmp_path / "res" / "uptrain_domains", command="test", reuse=True)
     assert (tmp_path / "res" / "mqa.json").stat().st_mtime_ns == before
     assert again["runs"]["mqa"]["held_out_recovery"] == run["held_out_recovery"]
+    assert again["provenance"]["models"] == saved["provenance"]["models"]
+    # --reuse never trains: a run without results is left out of the report, not started
+    from hf_attn_swap.train import domains as domains_mod
+
+    spec.write_text(spec.read_text().replace("goals:", "  - {name: other, config: %s, results: %s}\ngoals:" % (
+        tmp_path / "mqa.yaml", tmp_path / "res" / "other.json")))
+    monkeypatch.setattr("hf_attn_swap.train.pipeline.uptrain", lambda *a, **k: pytest.fail("--reuse trained a run"))
+    third = domains_mod.run_domains(spec, tmp_path / "res" / "uptrain_domains", command="test", reuse=True)
+    assert list(third["runs"]) == ["mqa"] and not (tmp_path / "res" / "other.json").exists()
 
 
 @pytest.mark.parametrize("text,match", [

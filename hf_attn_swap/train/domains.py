@@ -103,6 +103,11 @@ def summarize(result: dict[str, Any], goals: dict[str, float]) -> dict[str, Any]
         "passkey": passkey.get(last_stage) if last_stage else None,
         "train_cpu_minutes": (result.get("train_cpu_seconds") or 0) / 60 or None,
         "tokens": result.get("tokens"),
+        "variant": _variant_label(result.get("config") or {}),
+        # perplexity after the last stage on each held-out domain (with the original's): what compares runs whose
+        # conversions start from different places (recovery is relative to each run's own converted model)
+        "held_out_ppl": {n: domains[n].get(last_stage) for n in held} if last_stage else {},
+        "held_out_original": {n: domains[n].get("original") for n in held},
     }
     checks = {
         "held_out_recovery": (summary["held_out_recovery"], ">="),
@@ -114,6 +119,13 @@ def summarize(result: dict[str, Any], goals: dict[str, float]) -> dict[str, Any]
         k: None if v is None else bool(v >= goals[k] if op == ">=" else v <= goals[k]) for k, (v, op) in checks.items()
     }
     return summary
+
+
+def _variant_label(cfg: dict[str, Any]) -> str | None:
+    if not cfg.get("variant"):
+        return None
+    opts = cfg.get("variant_options") or {}
+    return cfg["variant"] + ("" if not opts else ":" + ",".join(f"{k}={v}" for k, v in opts.items()))
 
 
 def same_config(saved: dict[str, Any] | None, current: dict[str, Any]) -> bool:
@@ -160,9 +172,11 @@ def run_domains(config: str | Path, out: str | Path, *, command: str, reuse: boo
         if previous is not None and (not wanted or reuse) and same_config(previous.get("config"), cfg.to_dict()):
             logger.info("uptrain_domains: %s: reusing %s", name, path)
             result = previous
-        elif not wanted:
-            logger.warning("uptrain_domains: %s: not selected by --only and %s does not hold its current config: left "
-                           "out of the report", name, path)
+        elif not wanted or reuse:
+            # --reuse reports what has run; it never starts a training run (that takes half an hour)
+            why = "not selected by --only" if not wanted else "--reuse"
+            logger.warning("uptrain_domains: %s: %s and %s does not hold its current config: left out of the report",
+                           name, why, path)
             continue
         else:
             logger.info("uptrain_domains: %s: uptraining with %s", name, run["config"])
@@ -226,6 +240,18 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {name} | {', '.join(r['held_out']) or '-'} | {_f(r['held_out_recovery'])} | "
                      f"{_f(r['min_domain_recovery'])} | {_f(r['passkey'], '.2f')} ({_f(r['passkey_original'], '.2f')}) "
                      f"| {_f(r['train_cpu_minutes'], '.1f')} | {goals} |")
+    held = list(dict.fromkeys(n for r in report["runs"].values() for n in r.get("held_out_ppl") or {}))
+    if held:
+        lines += ["", "Perplexity after uptraining on the held-out domains (lower is better; this compares variants whose "
+                  "conversions start from different places, which recovery, relative to each run's own converted "
+                  "model, does not):", "",
+                  "| run | variant | " + " | ".join(f"{n} (original)" for n in held) + " | passkey | training CPU min |",
+                  "|---|---|" + "---:|" * len(held) + "---:|---:|"]
+        for name, r in report["runs"].items():
+            ppl, orig = r.get("held_out_ppl") or {}, r.get("held_out_original") or {}
+            cells = [f"{_f(ppl.get(n), '.1f')} ({_f(orig.get(n), '.1f')})" for n in held]
+            lines.append(f"| {name} | {r.get('variant') or '-'} | " + " | ".join(cells)
+                         + f" | {_f(r['passkey'], '.2f')} | {_f(r['train_cpu_minutes'], '.1f')} |")
     for name, r in report["runs"].items():
         lines += ["", f"## {name} (`{r['config']}`, details in `{r['results']}`)", ""]
         if r.get("domains"):
