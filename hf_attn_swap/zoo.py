@@ -192,6 +192,8 @@ def load_model(
     dtype = parse_dtype(dtype)
     if device is not None:
         device = parse_device(device)  # "auto" becomes the GPU (or cpu) here, before device_map sees it
+        if device.type == "cpu":
+            device = None  # where transformers loads anyway: no device_map, the same loading path as before
     text = str(name_or_path)
     if Path(text).expanduser().is_dir() or text.startswith(("/", ".", "~")) or text.count("/") > 1:
         preflight(name_or_path, dtype, device)  # a local folder: refuse bad input before reading weights
