@@ -39,6 +39,7 @@ def rows_of(tok, names, split: str, tokens_each: int, block: int, skip: int = 0)
     """``tokens_each`` tokens of every corpus (after the first ``skip``), cut into rows of ``block``, interleaved."""
     from hf_attn_swap.data import load_text, tokenize
 
+    tokens_each = -(-tokens_each // block) * block  # whole rows: round up
     per = []
     for name in names:
         ids = tokenize(tok, load_text(name, split), skip + tokens_each)
