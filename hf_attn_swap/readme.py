@@ -10,7 +10,8 @@ A Markdown file marks each generated part with HTML comments (invisible when ren
 
 The JSON path is relative to the Markdown file's folder. After it comes either a renderer (a name in
 :data:`RENDERERS`, or ``path/to/script.py:function`` relative to the repository root, called with the loaded JSON)
-or ``= field.path | format``: a value picked from the JSON (``.key``, ``[3]``, ``[key=value]`` picks the first list
+or ``= field.path | format``: a value picked from the JSON (``.key``, ``[3]`` (a list position, or the key "3" of a
+mapping), ``[key=value]`` picks the first list
 item whose ``key`` prints as ``value``; ``[k=v,k2=v2]`` needs both) and formatted with a Python format spec.
 
     python -m hf_attn_swap.readme            # rewrite the generated parts of README.md and results/**/*.md
@@ -57,8 +58,8 @@ def pick(data: Any, path: str) -> Any:
         try:
             if m["key"] is not None:
                 cur = cur[m["key"]]
-            elif m["index"] is not None:
-                cur = cur[int(m["index"])]
+            elif m["index"] is not None:  # a list position, or a numeric key of a mapping (JSON keys are strings)
+                cur = cur[m["index"]] if isinstance(cur, dict) else cur[int(m["index"])]
             else:  # [key=value,key2=value2]: the first item matching every condition
                 conds = [c.split("=", 1) for c in m["cond"].split(",")]
                 cur = next(x for x in cur if all(str(x.get(k.strip())) == v.strip() for k, v in conds))

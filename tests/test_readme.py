@@ -88,6 +88,10 @@ def test_pick_paths():
     assert readme.pick(data, "a[k=2].v") == 20
     assert readme.pick(data, "a[k=2,s=y].v") == 30
     assert readme.pick([{"variant": "linear", "p": 3}], "[variant=linear].p") == 3
+    # a numeric key of a mapping (JSON object keys are strings: per-layer tables)
+    assert readme.pick({"layers": {"12": {"held_out": 0.25}}}, "layers[12].held_out") == 0.25
+    with pytest.raises(readme.GeneratedError, match="matches nothing"):
+        readme.pick({"layers": {"12": 1}}, "layers[4]")
 
 
 @pytest.mark.parametrize("marker, says", [
