@@ -452,7 +452,9 @@ def _quality(cfg: EvalConfig, model: torch.nn.Module, tokenizer: Any, ids: torch
 
     rec: dict[str, Any] = {}
     p, k = cfg.perplexity, cfg.passkey
-    device = torch.device(cfg.device)
+    from ..devices import resolve_device
+
+    device = resolve_device(cfg.device)  # "auto" is the GPU when there is one
     t0 = time.perf_counter()
     with num_threads(cfg.eval_threads), PeakMemory(device) as mem:
         ppl = perplexity(model, ids, context=p.context, stride=p.stride, batch_size=p.batch_size, text=span, progress=cfg.progress)

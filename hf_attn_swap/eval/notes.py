@@ -81,10 +81,20 @@ def _window_notes(rec: dict[str, Any], base: dict[str, Any], cfg: Any) -> list[s
     return out
 
 
+def _on_cpu(cfg: Any) -> bool:
+    """Whether the run computed on the CPU (``device: auto`` resolved here, as the run resolved it)."""
+    from ..devices import resolve_device
+
+    try:
+        return resolve_device(cfg.device).type == "cpu"
+    except ValueError:  # a device this machine lacks: the run that wrote these records did not run here
+        return str(cfg.device).startswith("cpu")
+
+
 def _linear_notes(rec: dict[str, Any], base: dict[str, Any], cfg: Any) -> list[str]:
     out = []
     kernel = (rec.get("options") or {}).get("kernel", "auto")
-    on_cpu = str(cfg.device).startswith("cpu")
+    on_cpu = _on_cpu(cfg)
     if (on_cpu or kernel == "torch") and not (rec.get("prefill_significant") and (rec.get("prefill_speedup") or 0) > 1):
         out.append(
             f"prefill: linear attention without a fused kernel (chunked PyTorch) cannot beat SDPA at "
@@ -107,7 +117,7 @@ def _linear_notes(rec: dict[str, Any], base: dict[str, Any], cfg: Any) -> list[s
 
 
 def _flash_notes(rec: dict[str, Any], base: dict[str, Any], cfg: Any) -> list[str]:
-    if str(cfg.device).startswith("cpu"):
+    if _on_cpu(cfg):
         return ["on CPU the baseline's SDPA already runs an IO-aware tiled (flash) kernel: 'flash' cannot be faster "
                 "here; its gain is on GPU over eager attention"]
     return []
