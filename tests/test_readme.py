@@ -47,8 +47,8 @@ def test_readme_quotes_every_results_file_through_markers():
     assert f"| {linear['perplexity']:,.0f} |" in table["body"]
     hybrid_md = (ROOT / "results/uptrain_smollm2_hybrid.md").read_text()
     hedgehog = json.loads((ROOT / "results/uptrain_smollm2_hedgehog.json").read_text())
-    assert f"hedgehog without the window: <!-- generated: uptrain_smollm2_hedgehog.json = ppl_uptrained |,.0f -->" \
-           f"{hedgehog['ppl_uptrained']:,.0f}<!-- end generated -->" in hybrid_md
+    assert f"<!-- generated: uptrain_smollm2_hedgehog.json = domains.sotu.end_to_end |.0f -->" \
+           f"{hedgehog['domains']['sotu']['end_to_end']:.0f}<!-- end generated -->" in hybrid_md
 
 
 def test_check_fails_with_a_diff_on_a_hand_edited_number(tmp_path, capsys):
