@@ -89,7 +89,8 @@ def measure(args: argparse.Namespace) -> dict:
 
         def on_steps(layer: int, done: int, module, tx=tx, ty=ty, curve=curve) -> None:
             j = layers.index(layer)
-            curve[layer].append({"step": done, "train": rel(module, tx[j], ty[j]), "held_out": rel(module, hx[j], hy[j])})
+            curve[layer].append({"step": done, "train": rel(module, tx[j], ty[j]),
+                                 "held_out": rel(module, hx[j], hy[j])})
 
         t = time.process_time()
         layerwise_transfer(student, teacher, rows, layers=layers, steps=steps, lr=args.lr, batch_rows=2,

@@ -91,8 +91,8 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
             raise ValueError(f"device={str(name)!r} needs Apple MPS, which is not available; available here: "
                              f"{', '.join(available_devices())}")
     elif device.type != "cpu":
-        raise ValueError(f"device={str(name)!r} is not supported; allowed: auto, cpu, cuda, cuda:N, mps (available here: "
-                         f"{', '.join(available_devices())})")
+        raise ValueError(f"device={str(name)!r} is not supported; allowed: auto, cpu, cuda, cuda:N, mps (available "
+                         f"here: {', '.join(available_devices())})")
     return device
 
 

@@ -89,8 +89,9 @@ def git_state(path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
 
     Returns:
         ``{"commit": sha, "dirty": bool}`` (dirty: any change outside :data:`OUTPUT_DIRS`, tracked or not, listed
-        in ``dirty_files``; changed outputs are counted in ``outputs_changed``), or ``{"commit": None, "dirty": None, "reason": why}`` outside a
-        git checkout (an installed wheel) or without a ``git`` command.
+        in ``dirty_files``; changed outputs are counted in ``outputs_changed``), or
+        ``{"commit": None, "dirty": None, "reason": why}`` outside a git checkout (an installed wheel) or without a
+        ``git`` command.
     """
     where = Path(path) if path is not None else Path(__file__).resolve().parent
     where = where if where.is_dir() else where.parent
