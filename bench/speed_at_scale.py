@@ -423,7 +423,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = measure(args, models, shape, vshapes, hw)
         done = [r for r in rows if "measured_ms" in r]
         # the measurements are kept before profiling: a run stopped there (time, memory) still has its tables
-        partial = {"provenance": provenance(args, model, str(next(model.parameters()).dtype)),
+        prov = provenance(args, model, str(next(model.parameters()).dtype))  # hashes the weights: once
+        partial = {"provenance": prov,
                    "cpu_profile": hw.to_dict(), "model_shape": shape.to_dict(), "measured": rows,
                    "speedups": speedups(rows), "profile": [], "gpu_profiles": [], "plan": []}
         out.with_suffix(".json").write_text(json.dumps(partial, indent=2))
@@ -433,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
             profile.append({"cache": mode, "variant": k, "context": c, "batch": b, **prof})
         profile.sort(key=lambda r: (r["cache"], r["variant"]))
     data = {
-        "provenance": provenance(args, model, str(next(model.parameters()).dtype)),
+        "provenance": prov,
         "cpu_profile": hw.to_dict(), "model_shape": shape.to_dict(),
         "measured": rows, "speedups": speedups(rows), "profile": profile,
         "gpu_profiles": [h.to_dict() for h in rl.GPU_PROFILES.values()], "plan": projections(args),
