@@ -22,6 +22,7 @@ from torch import nn
 from ..api import attention_sites, parse_layers, swap_record
 from ..hf_compat import CACHE_KWARGS
 from ..progress import progress as progress_bar
+from .precision import autocast
 
 logger = logging.getLogger(__name__)
 
@@ -112,8 +113,12 @@ def _batches(ids: torch.Tensor, rows: int) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def capture_teacher(teacher: nn.Module, batches: list[torch.Tensor], layers: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def capture_teacher(teacher: nn.Module, batches: list[torch.Tensor], layers: list[int], mixed_precision: str = "no"
+                    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Run the teacher and keep each selected attention module's input hidden states and output (float32).
+
+    ``mixed_precision="bf16"`` runs the teacher's products in bfloat16 (:mod:`hf_attn_swap.train.precision`); what
+    is kept is still stored in float32.
 
     Returns:
         ``(inputs, outputs)``: one tensor ``(n_rows, L, E)`` per selected layer each.
@@ -136,7 +141,8 @@ def capture_teacher(teacher: nn.Module, batches: list[torch.Tensor], layers: lis
     teacher.eval()
     try:
         for b in batches:
-            teacher(input_ids=b, use_cache=False)
+            with autocast(mixed_precision, b.device):
+                teacher(input_ids=b, use_cache=False)
     finally:
         for h in handles:
             h.remove()
@@ -196,6 +202,7 @@ def layerwise_transfer(
     progress: bool = False,
     on_steps: Callable[[int, int, nn.Module], None] | None = None,
     on_steps_every: int = 10,
+    mixed_precision: str = "no",
 ) -> LayerwiseResult:
     """Train each student attention module to reproduce the teacher module's output on the teacher's inputs.
 
@@ -215,6 +222,8 @@ def layerwise_transfer(
             ``on_steps_every`` steps and the last (under ``torch.no_grad``, the module in eval mode): to record how
             a layer's error on other text moves as it trains (``bench/layerwise_overfit.py``).
         on_steps_every: steps between two ``on_steps`` calls.
+        mixed_precision: ``bf16`` runs the teacher capture and each training step's forward in bfloat16 under
+            autocast (parameters and Adam state stay float32); the before/after errors are measured in float32.
 
     Returns:
         Per-layer attention-output MSE before and after.
@@ -239,7 +248,7 @@ def layerwise_transfer(
     params_per_layer = [module_parameters(sites[i].module, trainable, adapter.k, adapter.v) for i in idx]
     if not any(params_per_layer):
         raise ValueError(f"nothing to train: trainable={trainable!r} selects no parameter in the attention modules")
-    xs, ys = capture_teacher(teacher, batches, idx)
+    xs, ys = capture_teacher(teacher, batches, idx, mixed_precision)
     kwargs = module_kwargs(student, batches[0])
     n_rows = xs[0].shape[0]
     result = LayerwiseResult(tokens=int(n_rows * calibration.shape[1]), steps_per_layer=steps)
@@ -269,7 +278,9 @@ def layerwise_transfer(
                         on_steps(i, 0, module)
                 for step in range(steps):
                     rows = torch.randperm(n_rows, generator=gen)[:batch_rows]
-                    loss = (_module_out(module, x_all[rows], kwargs) - y_all[rows]).pow(2).mean() / scale
+                    with autocast(mixed_precision, x_all.device):
+                        y = _module_out(module, x_all[rows], kwargs)  # float32 out: the loss is summed in float32
+                    loss = (y - y_all[rows]).pow(2).mean() / scale
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()

@@ -106,7 +106,7 @@ def attention_mse(student_outs: list[torch.Tensor | None], teacher_outs: list[to
         s, t = student_outs[i], teacher_outs[i]
         if s is None or t is None:
             raise ValueError(f"attention layer {i} produced no output to transfer in the last forward pass")
-        t = t.detach().to(s.dtype)
+        s, t = s.float(), t.detach().float()  # summed in float32 also when the products ran in bfloat16
         terms.append((s - t).pow(2).mean() / t.pow(2).mean().clamp_min(1e-12))
     if not terms:
         raise ValueError("no attention layer selected for attention transfer")

@@ -355,6 +355,7 @@ def train_end_to_end(student: nn.Module, teacher: nn.Module | None, blocks: torc
         model=model, args=args, train_dataset=data, data_collator=collate, callbacks=callbacks,
         teacher=teacher if (cfg.kl_weight or cfg.attn_weight) else None,
         lm_weight=cfg.lm_weight, kl_weight=cfg.kl_weight, attn_weight=cfg.attn_weight, temperature=cfg.temperature,
+        mixed_precision=cfg.mixed_precision,
     )
     ckpt = resume if isinstance(resume, str) else (True if resume and _has_checkpoint(cfg.output_dir) else None)
     # Under FSDP (accelerate launch --config_file recipes/configs/fsdp_*.yaml) training shards the parameters in

@@ -80,11 +80,17 @@ class PretrainConfig:
     eval_points: int = opt(6, min=0, help="held-out evaluations spread over the run (plus one before training)")
     seed: int = opt(0, help="seed of initialisation and data order")
     threads: int | None = opt(1, min=1, help="torch CPU threads (null = torch's default)")
+    mixed_precision: str = opt("bf16", help=(
+        "bf16: matrix products in bfloat16 under torch.autocast, weights and AdamW state float32 (2-3x faster on a "
+        "CPU with AMX/AVX512-BF16); no: float32 throughout; held-out evaluation is always float32"))
     overwrite: bool = opt(False, help="replace a checkpoint of the same name already in the cache")
     progress: bool = opt(True, help="progress bar over the training steps")
 
     def __post_init__(self) -> None:
+        from .precision import check_mixed_precision
+
         check_fields(self)
+        check_mixed_precision(self.mixed_precision)
         if self.hidden_size % self.num_heads:
             raise ConfigError(f"num_heads={self.num_heads} does not divide hidden_size={self.hidden_size}; allowed: "
                               f"a head count dividing it ({', '.join(map(str, _divisors(self.hidden_size)))})")
@@ -332,6 +338,7 @@ def train(cfg: PretrainConfig, vocab: int, blocks: Any, held: dict[str, Any], st
 
     from ..progress import progress
     from ..provenance import model_weights, provenance
+    from .precision import autocast
 
     torch.manual_seed(cfg.seed)
     model = LlamaForCausalLM(model_config(cfg, vocab))
@@ -368,7 +375,8 @@ def train(cfg: PretrainConfig, vocab: int, blocks: Any, held: dict[str, Any], st
     try:
         for step in range(1, cfg.steps + 1):
             x = blocks[(step - 1) * cfg.batch_size: step * cfg.batch_size]
-            loss = model(input_ids=x, labels=x).loss
+            with autocast(cfg.mixed_precision, x.device):
+                loss = model(input_ids=x, labels=x).loss  # transformers' loss upcasts the logits to float32
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             opt.step()

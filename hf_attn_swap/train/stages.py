@@ -332,7 +332,8 @@ class LayerwiseStage(Stage):
                 local = layerwise_transfer(run.student, run.teacher, run.layerwise_ids, layers=mine,
                                            trainable=cfg.layerwise_trainable, steps=cfg.layerwise_steps,
                                            lr=cfg.layerwise_lr, batch_rows=cfg.layerwise_rows, seed=cfg.seed,
-                                           progress=cfg.progress and ctx.is_main)
+                                           progress=cfg.progress and ctx.is_main,
+                                           mixed_precision=cfg.mixed_precision)
             except Exception as err:
                 if not ctx.distributed:
                     raise

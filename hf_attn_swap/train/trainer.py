@@ -19,6 +19,7 @@ from ..api import attention_sites
 from ..convert.adapters import get_adapter
 from .config import TRAINABLE
 from .objectives import attention_mse, capture_attention_outputs, check_teacher, distill_kl, lm_loss
+from .precision import autocast, check_mixed_precision
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +129,9 @@ class UptrainTrainer(Trainer):
         teacher: the unconverted model (frozen, eval mode); needed when ``kl_weight`` or ``attn_weight`` > 0.
         lm_weight, kl_weight, attn_weight: objective weights (at least one > 0).
         temperature: distillation temperature.
+        mixed_precision: ``bf16`` runs the student's and the teacher's forward passes under bfloat16 autocast
+            (:mod:`hf_attn_swap.train.precision`). Done here rather than with ``TrainingArguments(bf16=True)``, which
+            would cast only the student: the teacher is not prepared by accelerate.
         **kwargs: passed to ``Trainer``.
 
     Raises:
@@ -136,7 +140,9 @@ class UptrainTrainer(Trainer):
     """
 
     def __init__(self, *args: Any, teacher: nn.Module | None = None, lm_weight: float = 1.0, kl_weight: float = 0.0,
-                 attn_weight: float = 0.0, temperature: float = 1.0, **kwargs: Any) -> None:
+                 attn_weight: float = 0.0, temperature: float = 1.0, mixed_precision: str = "no",
+                 **kwargs: Any) -> None:
+        check_mixed_precision(mixed_precision)
         if lm_weight + kl_weight + attn_weight <= 0:
             raise ValueError("all objective weights are 0: set lm_weight, kl_weight or attn_weight")
         model = kwargs.get("model", args[0] if args else None)
@@ -155,9 +161,14 @@ class UptrainTrainer(Trainer):
         self.teacher = teacher
         self.weights = {"lm": float(lm_weight), "kl": float(kl_weight), "attn": float(attn_weight)}
         self.temperature = float(temperature)
+        self.mixed_precision = mixed_precision
         self._parts: dict[str, list[float]] = {}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        with autocast(self.mixed_precision, inputs["input_ids"].device):
+            return self._loss(model, inputs, return_outputs)
+
+    def _loss(self, model, inputs, return_outputs):
         ids = inputs["input_ids"]
         mask = inputs.get("attention_mask")
         need_teacher = self.weights["kl"] > 0 or self.weights["attn"] > 0
