@@ -38,7 +38,7 @@ from hf_attn_swap.specs import parse_variant_list
 
 logger = logging.getLogger("speed_at_scale")
 
-DEFAULT_VARIANTS = "baseline,mqa:strategy=mean,sliding_window:window=1024,linear,linear:window=64"
+DEFAULT_VARIANTS = "baseline,gqa:groups=3,mqa:strategy=mean,sliding_window:window=1024,linear,linear:window=64"
 PLAN_VARIANTS = "baseline,gqa:groups=8,mqa,sliding_window:window=4096,linear,hybrid:window=64"
 
 
@@ -198,27 +198,35 @@ def estimate_s(args, shape, vshapes, hw) -> float:
 #: its roofline, and MQA's decode speed-up over SmolLM2's GQA-3 at least 0.9x the predicted one.
 GOAL_CONTEXT, GOAL_BATCH, GOAL_STEP_RATIO, GOAL_SPEEDUP_RATIO = 8192, 8, 2.0, 0.9
 GOAL_VARIANT = "mqa:strategy=mean"
+#: SmolLM2's own GQA-3 weights through the package's grouped decode path (a no-op conversion to 3 KV heads): the
+#: reference of the goals when measured, so that both sides of MQA's speed-up run the same attention code. The
+#: stock model (transformers' SDPA integration, "baseline") is reported beside it.
+GOAL_PATH = "gqa:groups=3"
 
 
 def goals(data: dict) -> list[dict]:
-    """One row per cache mode measured at the goal's shape: the baseline's measured/predicted step time and MQA's
-    measured/predicted speed-up, each checked against its goal (None where that point was not measured)."""
+    """One row per cache mode measured at the goal's shape: the GQA-3 reference's measured/predicted step time and
+    MQA's measured/predicted speed-up over it, each checked against its goal (None where that point was not
+    measured). The reference is :data:`GOAL_PATH` where it was measured, else the stock ``baseline``."""
     out = []
     measured = [r for r in data["measured"] if "measured_ms" in r and r["context"] == GOAL_CONTEXT
                 and r["batch"] == GOAL_BATCH]
     for cache in sorted({(r["cache"], r.get("compiled", False)) for r in measured}):
-        base = next((r for r in measured if (r["cache"], r.get("compiled", False)) == cache
-                     and r["variant"] == "baseline"), None)
-        up = next((s for s in data["speedups"] if s["cache"] == cache[0] and s["variant"] == GOAL_VARIANT
-                   and s["context"] == GOAL_CONTEXT and s["batch"] == GOAL_BATCH), None)
+        here = {r["variant"]: r for r in measured if (r["cache"], r.get("compiled", False)) == cache}
+        ref_name = GOAL_PATH if GOAL_PATH in here else "baseline"
+        base, mqa, stock = here.get(ref_name), here.get(GOAL_VARIANT), here.get("baseline")
         step = None if base is None else base["measured_ms"] / base["predicted_ms"]
-        ratio = None if up is None else up["ratio"]
+        meas = pred = ratio = None
+        if base is not None and mqa is not None:
+            meas, pred = base["measured_ms"] / mqa["measured_ms"], base["predicted_ms"] / mqa["predicted_ms"]
+            ratio = meas / pred
         out.append({"cache": cache[0], "compiled": cache[1], "context": GOAL_CONTEXT, "batch": GOAL_BATCH,
+                    "reference": ref_name,
                     "baseline_measured_over_predicted": step,
+                    "stock_measured_over_predicted": None if stock is None else
+                    stock["measured_ms"] / stock["predicted_ms"],
                     "step_goal_met": None if step is None else step <= GOAL_STEP_RATIO,
-                    "mqa_speedup_measured": None if up is None else up["measured_speedup"],
-                    "mqa_speedup_predicted": None if up is None else up["predicted_speedup"],
-                    "mqa_speedup_ratio": ratio,
+                    "mqa_speedup_measured": meas, "mqa_speedup_predicted": pred, "mqa_speedup_ratio": ratio,
                     "speedup_goal_met": None if ratio is None else ratio >= GOAL_SPEEDUP_RATIO})
     return out
 
@@ -226,9 +234,11 @@ def goals(data: dict) -> list[dict]:
 def goal_lines(data: dict) -> list[str]:
     rows = goals(data)
     lines = ["## Goals at 8k tokens x 8 sequences", "",
-             f"The measured step within {GOAL_STEP_RATIO:g}x of its roofline (baseline), and MQA's decode speed-up over "
-             f"the GQA-3 baseline at least {GOAL_SPEEDUP_RATIO:g}x the predicted one; computed from the tables below.",
-             ""]
+             f"The measured GQA-3 step within {GOAL_STEP_RATIO:g}x of its roofline, and MQA's decode speed-up over "
+             f"GQA-3 at least {GOAL_SPEEDUP_RATIO:g}x the predicted one; computed from the tables below. Reference: "
+             f"`{GOAL_PATH}` (SmolLM2's unchanged GQA-3 weights through this package's grouped decode path, the "
+             "attention code MQA runs too) where measured, else the stock model (`baseline`: transformers' SDPA "
+             "integration), whose step is shown beside it.", ""]
     if not rows:
         return lines + [f"Not measured: the run had no point at context {GOAL_CONTEXT} x batch {GOAL_BATCH}.", ""]
 
@@ -238,11 +248,13 @@ def goal_lines(data: dict) -> list[str]:
     def ok(v):
         return "-" if v is None else ("met" if v else "**not met**")
 
-    lines += ["| cache | baseline measured / predicted | step goal | MQA speed-up measured | predicted | ratio | "
-              "speed-up goal |", "|---|---:|---|---:|---:|---:|---|"]
+    lines += ["| cache | reference | reference measured / predicted | stock model measured / predicted | step goal | "
+              "MQA speed-up measured | predicted | ratio | speed-up goal |",
+              "|---|---|---:|---:|---|---:|---:|---:|---|"]
     for r in rows:
-        lines.append(f"| {r['cache']}{' (compiled)' if r['compiled'] else ''} | "
-                     f"{f(r['baseline_measured_over_predicted'], '.2f')}x | {ok(r['step_goal_met'])} | "
+        lines.append(f"| {r['cache']}{' (compiled)' if r['compiled'] else ''} | {r.get('reference', 'baseline')} | "
+                     f"{f(r['baseline_measured_over_predicted'], '.2f')}x | "
+                     f"{f(r.get('stock_measured_over_predicted'), '.2f')}x | {ok(r['step_goal_met'])} | "
                      f"{f(r['mqa_speedup_measured'], '.2f')}x | {f(r['mqa_speedup_predicted'], '.2f')}x | "
                      f"{f(r['mqa_speedup_ratio'], '.2f')} | {ok(r['speedup_goal_met'])} |")
     return lines + [""]

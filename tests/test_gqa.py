@@ -177,6 +177,40 @@ def test_grouped_decode_does_not_repeat_kv(monkeypatch):
     assert seen == [((1, 1, 512, 64), False)]  # one KV head read once for all 9 query heads
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_over_a_boolean_mask_runs_on_an_additive_one_with_the_same_result(monkeypatch, dtype):
+    """At decode shapes the CPU path hands SDPA an additive mask (about 2x faster there than a boolean one); a row that
+    attends to nothing keeps the boolean mask, so its output is what SDPA makes of it either way."""
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    module.is_causal = True
+    q = torch.randn(3, 9, 1, 64, dtype=dtype)
+    k, v = torch.randn(3, 1, 40, 64, dtype=dtype), torch.randn(3, 1, 40, 64, dtype=dtype)
+    mask = torch.ones(3, 1, 1, 40, dtype=torch.bool)
+    mask[1, ..., :5] = False  # left padding
+    mask[:, ..., 37:] = False  # a static cache's unused tail
+    kinds = []
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query, key, value, attn_mask=None, **kw):
+        kinds.append(None if attn_mask is None else attn_mask.dtype)
+        return real_sdpa(query, key, value, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    out, _ = grouped_attention(module, q, k, v, mask)
+    ref = reference_attention(q.float(), k.float(), v.float(), mask)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
+    assert kinds == [dtype]
+
+    mask[2] = False  # a sequence with nothing to attend to: the boolean mask is kept
+    out, _ = grouped_attention(module, q, k, v, mask)
+    assert kinds[-1] == torch.bool
+    folded = q.reshape(3, 1, 9, 64)
+    direct = real_sdpa(folded, k, v, attn_mask=mask.expand(3, 1, 9, 40)).reshape(3, 9, 1, 64).transpose(1, 2)
+    torch.testing.assert_close(out, direct, equal_nan=True)
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 
 

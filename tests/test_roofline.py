@@ -249,6 +249,17 @@ def test_speed_at_scale_goals_are_computed_from_the_figures():
     (g,) = bench.goals(data(420.0, 200.0))  # 2.1x; speed-up 2.1 of 2.5 (0.84)
     assert g["step_goal_met"] is False and g["speedup_goal_met"] is False
     assert "**not met**" in "\n".join(bench.goal_lines(data(420.0, 200.0)))
+    assert g["reference"] == "baseline" and g["stock_measured_over_predicted"] == pytest.approx(2.1)
+
+    # With the package's own GQA-3 path measured, it is the reference of both goals; the stock model stays beside it.
+    d = data(420.0, 200.0)
+    d["measured"].append({"cache": "static", "compiled": False, "variant": "gqa:groups=3", "context": 8192, "batch": 8,
+                          "measured_ms": 300.0, "predicted_ms": 200.0})
+    (g,) = bench.goals(d)
+    assert g["reference"] == "gqa:groups=3" and g["baseline_measured_over_predicted"] == pytest.approx(1.5)
+    assert g["step_goal_met"] is True and g["stock_measured_over_predicted"] == pytest.approx(2.1)
+    assert g["mqa_speedup_measured"] == pytest.approx(1.5) and g["mqa_speedup_ratio"] == pytest.approx(0.6)
+    assert g["speedup_goal_met"] is False
 
 
 def test_speed_at_scale_profiles_only_cells_that_were_measured():
