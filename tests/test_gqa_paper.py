@@ -86,6 +86,20 @@ def test_findings_are_computed_from_the_numbers():
     assert good["perplexity falls as alpha grows (paper objective, every strategy and KV count)"] is True
 
 
+def test_strategies_measured_after_conversion_only():
+    """A trimmed grid uptrains only uptrain_strategies: claims that need the others after uptraining say so (None),
+    the rest are computed over what was uptrained."""
+    with pytest.raises(ConfigError, match=r"uptrain_strategies names \['fit'\], which strategies does not convert"):
+        gp.GqaPaperConfig(strategies=["mean", "first"], uptrain_strategies=["mean", "fit"])
+    data = _synthetic(20, 30, 40, {4: 3.0, 2: 2.0, 1: 1.0})
+    data["config"]["uptrain_strategies"] = ["mean"]
+    data["runs"] = [r for r in data["runs"] if r["alpha"] == 0 or r["strategy"] == "mean"]
+    got = {f["claim"]: f["holds"] for f in gp.findings(data)}
+    assert got["mean < first < random in perplexity, without uptraining"] is True
+    assert got["mean < first < random in perplexity, after uptraining with alpha=0.5 (paper)"] is None
+    assert got["perplexity falls as alpha grows (paper objective, every strategy and KV count)"] is True
+
+
 def test_micro_recipe_end_to_end(cache, tmp_path):
     out = tmp_path / "res" / "paper"
     assert gp.main(["--config", str(ROOT / "recipes/configs/gqa_paper_micro.yaml"), f"out={out}"]) == 0
