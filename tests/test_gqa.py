@@ -203,7 +203,13 @@ def test_decode_over_a_boolean_mask_runs_on_an_additive_one_with_the_same_result
     torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
     assert kinds == [dtype]
 
-    mask[2] = False  # a sequence with nothing to attend to: the boolean mask is kept
+    # The conversion runs once per mask (transformers hands every layer the same tensor), again when it changes.
+    from hf_attn_swap.variants import gqa as gqa_mod
+
+    first = gqa_mod._additive_mask(mask, dtype)
+    assert gqa_mod._additive_mask(mask, dtype) is first
+    mask[2] = False  # in place: a sequence with nothing to attend to, and the boolean mask is kept
+    assert gqa_mod._additive_mask(mask, dtype) is mask
     out, _ = grouped_attention(module, q, k, v, mask)
     assert kinds[-1] == torch.bool
     folded = q.reshape(3, 1, 9, 64)

@@ -33,19 +33,29 @@ FOLD_MAX_QUERY = 16
 ADDITIVE_MASK_MAX_ROWS = 64
 
 
+#: the last boolean mask turned additive: (that mask, its version counter, dtype, result). transformers builds one mask
+#: per forward pass and hands the same tensor to every layer, so the conversion runs once a step, not once a layer.
+_ADDITIVE_LAST: list[Any] = [None]
+
+
 def _additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A boolean SDPA mask as an additive one (0 where attended, the dtype's lowest value elsewhere), or the mask
     unchanged when one of its rows attends to nothing.
 
     Why: at decode shapes the CPU SDPA kernel takes about twice as long over a boolean mask as over an additive one
-    (measured at 8k tokens x 8 sequences: 7.6 against 3.2 ms per layer for MQA; bench/speed_at_scale.py), and the
-    conversion reads b x rows x T booleans, a few percent of the K/V it saves time on. A row with nothing to attend
-    to (a sequence that is all padding) keeps the boolean mask, so its output is what SDPA makes of it, not a
-    uniform average of every position.
+    (measured at 8k tokens x 8 sequences: 7.6 against 3.2 ms per layer for MQA; bench/speed_at_scale.py). The result
+    is reused while the same mask tensor comes back unchanged (the next layers of the same step). A row with nothing
+    to attend to (a sequence that is all padding) keeps the boolean mask, so its output is what SDPA makes of it, not
+    a uniform average of every position.
     """
-    if not bool(mask.any(-1).all()):
-        return mask
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+    last = _ADDITIVE_LAST[0]
+    if last is not None and last[0] is mask and last[1] == mask._version and last[2] == dtype:
+        return last[3]
+    out = mask
+    if bool(mask.any(-1).all()):
+        out = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+    _ADDITIVE_LAST[0] = (mask, mask._version, dtype, out)
+    return out
 
 
 @dataclass
@@ -167,14 +177,14 @@ def grouped_attention(
         if causal_flag:
             mask = causal_bool_mask(q_len, kv_len, query.device)[None, None]
             causal_flag = False
+        if mask is not None and mask.dtype == torch.bool and query.device.type == "cpu" \
+                and group * q_len <= ADDITIVE_MASK_MAX_ROWS:
+            mask = _additive_mask(mask, query.dtype)  # before the fold's expand: converted once, not per head
         q_f = query.reshape(b, h_kv, group * q_len, d)
         if mask is not None:
             mb = mask.shape[0]
             mask = mask.reshape(mb, -1, 1, q_len, kv_len) if mask.shape[1] == 1 else mask.reshape(mb, h_kv, group, q_len, kv_len)
             mask = mask.expand(mb, mask.shape[1], group, q_len, kv_len).reshape(mb, mask.shape[1], group * q_len, kv_len)
-        if mask is not None and mask.dtype == torch.bool and query.device.type == "cpu" \
-                and group * q_len <= ADDITIVE_MASK_MAX_ROWS:
-            mask = _additive_mask(mask, query.dtype)
         out = F.scaled_dot_product_attention(q_f, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling, is_causal=False)
         out = out.reshape(b, h, q_len, d)
     else:
