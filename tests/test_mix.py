@@ -288,3 +288,16 @@ def test_results_record_the_code_as_it_was_when_the_run_started(base, tmp_path, 
     monkeypatch.setattr(prov, "git_state", fake_git_state)
     r = uptrain(small(base, tmp_path / "run", layerwise_tokens=0, eval_windows=0))
     assert len(calls) >= 2 and r.provenance["git"] == {"commit": "state1", "dirty": False}
+
+
+def test_a_saved_config_older_than_an_option_matches_with_that_options_default():
+    """Runs saved before mixed_precision existed ran in float32: they are still the runs of their unchanged YAML, and
+    a config that asks for bf16 is another run."""
+    from hf_attn_swap.train import UptrainConfig
+    from hf_attn_swap.train.domains import same_config
+
+    current = UptrainConfig(tokens=4096).to_dict()
+    saved = {k: v for k, v in current.items() if k != "mixed_precision"}
+    assert same_config(saved, current)
+    assert not same_config(saved, {**current, "mixed_precision": "bf16"})
+    assert not same_config({**saved, "lr": 1.0}, current)

@@ -130,13 +130,17 @@ def _variant_label(cfg: dict[str, Any]) -> str | None:
 
 def same_config(saved: dict[str, Any] | None, current: dict[str, Any]) -> bool:
     """Whether a run's saved config is ``current``, with ``device: auto`` read as the device it means here (a run
-    saved before ``auto`` became the default recorded ``cpu``)."""
+    saved before ``auto`` became the default recorded ``cpu``), and an option the saved config predates read as its
+    default (a run saved before ``mixed_precision`` existed ran in float32, which is its default ``no``)."""
     from ..devices import resolve_device
+    from .config import UptrainConfig
 
     if saved is None:
         return False
+    defaults = UptrainConfig().to_dict()
 
     def norm(c: dict[str, Any]) -> dict[str, Any]:
+        c = {**{k: v for k, v in defaults.items() if k not in c}, **c}
         return {**c, "device": str(resolve_device(c.get("device") or "auto"))}
 
     try:
