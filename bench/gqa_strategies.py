@@ -38,6 +38,15 @@ GOAL = 0.9  # issue 12: the best training-free strategy closes this share of mea
 RENDERER = "bench/gqa_strategies.py:markdown"  # how hf_attn_swap.readme re-renders and checks the .md
 
 
+def converted(model, groups: int, strategy: str, calib) -> tuple[torch.nn.Module, float]:
+    """A copy of ``model`` converted to ``groups`` KV heads by ``strategy`` and the seconds the conversion took
+    (calibration data only for the strategies that use it)."""
+    m = copy.deepcopy(model)
+    t = time.perf_counter()
+    swap_attention(m, "gqa", groups=groups, strategy=strategy, calibration=calib if strategy in CALIBRATED else None)
+    return m, time.perf_counter() - t
+
+
 def smollm2(args) -> tuple[dict, torch.nn.Module]:
     model, tok = load_model("smollm2-135m")
     calib = token_blocks(tok, load_text(args.corpus, split="train"), 512, max_tokens=args.calib_tokens)
@@ -48,10 +57,7 @@ def smollm2(args) -> tuple[dict, torch.nn.Module]:
     rows = [{"strategy": "original (3 KV heads)", "kv_heads": 3, "ppl": base.token_ppl,
              "bits_per_byte": base.bits_per_byte, "convert_s": 0.0, "calibration_tokens": 0}]
     for strategy in STRATEGIES:
-        m = copy.deepcopy(model)
-        t = time.perf_counter()
-        swap_attention(m, "mqa", strategy=strategy, calibration=calib if strategy in CALIBRATED else None)
-        dt = time.perf_counter() - t
+        m, dt = converted(model, 1, strategy, calib)  # 3 -> 1 KV heads: MQA
         r = perplexity(m, ids, context=args.context, batch_size=4, text=span)
         rows.append({"strategy": strategy, "kv_heads": 1, "ppl": r.token_ppl, "bits_per_byte": r.bits_per_byte,
                      "convert_s": round(dt, 1), "calibration_tokens": int(calib.numel()) if strategy in CALIBRATED else 0})
@@ -71,11 +77,7 @@ def minilm(args) -> tuple[dict, torch.nn.Module]:
     rows = []
     for groups in (6, 4, 3, 2, 1):
         for strategy in STRATEGIES:
-            m = copy.deepcopy(model)
-            t = time.perf_counter()
-            swap_attention(m, "gqa", groups=groups, strategy=strategy,
-                           calibration=calib if strategy in CALIBRATED else None)
-            dt = time.perf_counter() - t
+            m, dt = converted(model, groups, strategy, calib)
             cos = embedding_fidelity(ref, sentence_embeddings(m, tok, held))
             rows.append({"kv_heads": groups, "strategy": strategy, "cosine": cos, "convert_s": round(dt, 2)})
             print(f"minilm 12->{groups} {strategy:6s} cosine {cos:.4f}", flush=True)
@@ -97,11 +99,7 @@ def mha_decoder(args) -> dict:
              "bits_per_byte": base.bits_per_byte, "convert_s": 0.0}]
     for groups in (4, 2, 1):
         for strategy in STRATEGIES:
-            m = copy.deepcopy(model)
-            t = time.perf_counter()
-            swap_attention(m, "gqa", groups=groups, strategy=strategy,
-                           calibration=calib if strategy in CALIBRATED else None)
-            dt = time.perf_counter() - t
+            m, dt = converted(model, groups, strategy, calib)
             r = perplexity(m, ids, context=context, batch_size=8, text=span)
             rows.append({"strategy": strategy, "kv_heads": groups, "ppl": r.token_ppl,
                          "bits_per_byte": r.bits_per_byte, "convert_s": round(dt, 2)})
