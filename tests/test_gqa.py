@@ -14,6 +14,7 @@ from hf_attn_swap.convert.pooling import pool
 from hf_attn_swap.convert.projections import build_new_modules, commit, find_attention, read_projections
 from hf_attn_swap.hf_compat import cache_kwarg, output_cache
 from hf_attn_swap.reference import reference_attention, reference_pool_heads
+from hf_attn_swap.variants import band_cpu
 from hf_attn_swap.variants.gqa import grouped_attention
 
 ARCHS = sorted(TINY)
@@ -173,7 +174,8 @@ def test_grouped_decode_does_not_repeat_kv(monkeypatch):
         return real_sdpa(query, key, value, **kw)
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
-    grouped_attention(module, q, k, v, None)
+    with band_cpu.off():  # the SDPA fold (the decode kernel, where it runs, reads K/V in place by construction)
+        grouped_attention(module, q, k, v, None)
     assert seen == [((1, 1, 512, 64), False)]  # one KV head read once for all 9 query heads
 
 
@@ -197,7 +199,8 @@ def test_decode_over_a_boolean_mask_runs_on_an_additive_one_with_the_same_result
         return real_sdpa(query, key, value, attn_mask=attn_mask, **kw)
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
-    out, _ = grouped_attention(module, q, k, v, mask)
+    with band_cpu.off():  # the SDPA path (fp32 decode takes the decode kernel where it runs: test_decode_kernel.py)
+        out, _ = grouped_attention(module, q, k, v, mask)
     ref = reference_attention(q.float(), k.float(), v.float(), mask)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)

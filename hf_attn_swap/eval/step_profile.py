@@ -4,7 +4,8 @@
 (``self_cpu_time_total``) into:
 
 * ``matmul``: the projections, the MLP and the LM head (``mm``, ``addmm``, ``bmm``, ``linear``...);
-* ``attention``: the attention kernels (SDPA and its CPU kernels, ``baddbmm``, ``softmax``);
+* ``attention``: the attention kernels (SDPA and its CPU kernels, ``baddbmm``, ``softmax``, this package's decode
+  kernel);
 * ``cache_copy``: growing or writing the cache (``cat``, ``index_copy_``);
 * ``kv_copy``: copies that materialise repeated or non-contiguous K/V (``repeat_interleave``, ``clone``,
   ``contiguous``, ``copy_``, ``expand``-then-``reshape``);
@@ -23,7 +24,8 @@ import torch
 
 _CATEGORIES = {
     "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "aten::_mkldnn", "aten::einsum"),
-    "attention": ("scaled_dot_product", "aten::baddbmm", "aten::softmax", "aten::_softmax", "_flash_attention"),
+    "attention": ("scaled_dot_product", "aten::baddbmm", "aten::softmax", "aten::_softmax", "_flash_attention",
+                  "hf_attn_swap::decode_attention"),
     "cache_copy": ("aten::cat", "aten::index_copy", "aten::index_put"),
     "kv_copy": ("aten::repeat_interleave", "aten::clone", "aten::contiguous", "aten::copy_", "aten::_unsafe_view",
                 "aten::repeat"),

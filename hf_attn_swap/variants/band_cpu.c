@@ -232,3 +232,203 @@ int band_attention_f32(const float *q, const float *k, const float *v, float *ou
     }
     return failed ? -2 : 0;
 }
+
+/* Decode attention: one new token per sequence, so each query sees every key its mask allows and the G = H / Hkv
+ * query heads of a KV head share those keys. Why a kernel: torch's CPU SDPA reads a decode step's K/V at about half
+ * the rate a plain sum reads memory, and at long contexts that read is the whole cost of attention (issue 13's
+ * roofline). Here the keys stream through once, in blocks of DB with an online softmax across blocks, so K and V are
+ * each read once, in order, and the scores never leave L1.
+ *
+ * AVX-512 only, dims along the 16 lanes: fp32 decode attention does 2 G D FLOPs per key for 4 D bytes of K and V,
+ * so at G = 9 (SmolLM2's MQA) the arithmetic takes about as long as the memory read, and an 8-lane AVX2 version
+ * (queries along the lanes, as in the band kernel) measured slower than SDPA. A score is D / 16 FMAs plus a share of
+ * a transposing sum over 16 keys; P @ V is G D / 16 FMAs per key; neither wastes lanes when G is small (GQA: 1-4).
+ *   QS (G x D)     the group's queries, scaled by scale * log2(e) (so exp2 gives the softmax);
+ *   S  (GMAX x DB) one block's scores, then probabilities: one row per query head, keys along the row;
+ *   O  (G x D)     the running, unnormalised outputs, rescaled when a block raises a head's running max.
+ * valid (B, N) bytes, row stride valid_sb (0: one row for every sequence), or NULL: which keys each sequence sees.
+ * A query that sees no key gets zeros (the caller leaves that case to SDPA). */
+#define DB 128
+#define GMAX 16
+#define T512 __attribute__((target("avx512f")))
+
+T512 static inline __m512 exp2_ps512(__m512 x) {
+    const __m512 lo = _mm512_set1_ps(-125.0f);
+    const __mmask16 keep = _mm512_cmp_ps_mask(x, lo, _CMP_GE_OQ); /* false for -inf and NaN */
+    x = _mm512_max_ps(x, lo);
+    __m512 xi = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 f = _mm512_sub_ps(x, xi);
+    __m512 p = _mm512_set1_ps(1.5252733804059840e-5f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.5403530393381606e-4f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    __m512i e = _mm512_slli_epi32(_mm512_cvtps_epi32(xi), 23);
+    return _mm512_maskz_mov_ps(keep, _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(p), e)));
+}
+
+/* Transposing sum, level by level: in every 128-bit lane, pair(x, y) holds two partial sums of x (floats 0, 2) and
+ * two of y (1, 3); quad(pair(a, b), pair(c, d)) one each of a, b, c, d; octet(u, w) sums pairs of 128-bit lanes of
+ * u (the result's lanes 0-1) and w (2-3); and octet(octet(u0, u1), octet(u2, u3)) puts the whole sum of input i
+ * (in the order a0..a15 of the quads) at float i. */
+T512 static inline __m512 pair_sum(__m512 x, __m512 y) {
+    return _mm512_add_ps(_mm512_unpacklo_ps(x, y), _mm512_unpackhi_ps(x, y));
+}
+T512 static inline __m512 quad_sum(__m512 x, __m512 y) {
+    const __m512d xd = _mm512_castps_pd(x), yd = _mm512_castps_pd(y);
+    return _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(xd, yd)), _mm512_castpd_ps(_mm512_unpackhi_pd(xd, yd)));
+}
+T512 static inline __m512 octet_sum(__m512 u, __m512 w) {
+    return _mm512_add_ps(_mm512_shuffle_f32x4(u, w, _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(u, w, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+/* Scores of one query head against 16 keys (rows kr + i * k_sn): float i of the result. Sixteen named
+ * accumulators, D / 16 FMAs each. */
+#define KEY16(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11) X(12) X(13) X(14) X(15)
+T512 static inline __m512 scores16(const float *qg, const float *const kr[16], int64_t D) {
+#define DECL(i) __m512 a##i = _mm512_setzero_ps();
+    KEY16(DECL)
+#undef DECL
+    for (int64_t c = 0; c < D; c += 16) {
+        const __m512 qc = _mm512_loadu_ps(qg + c);
+#define FMA(i) a##i = _mm512_fmadd_ps(qc, _mm512_loadu_ps(kr[i] + c), a##i);
+        KEY16(FMA)
+#undef FMA
+    }
+    const __m512 u0 = quad_sum(pair_sum(a0, a1), pair_sum(a2, a3)), u1 = quad_sum(pair_sum(a4, a5), pair_sum(a6, a7));
+    const __m512 u2 = quad_sum(pair_sum(a8, a9), pair_sum(a10, a11));
+    const __m512 u3 = quad_sum(pair_sum(a12, a13), pair_sum(a14, a15));
+    return octet_sum(octet_sum(u0, u1), octet_sum(u2, u3));
+}
+#undef KEY16
+
+T512 static void decode_group512(const float *q, int64_t q_sh, const float *k, int64_t k_sn, const float *v,
+                                 int64_t v_sn, float *o, int64_t o_sh, const uint8_t *valid, int64_t G, int64_t N,
+                                 int64_t D, float qscale, float *QS, float *S, float *O) {
+    const float ninf = -INFINITY;
+    for (int64_t g = 0; g < G; g++)
+        for (int64_t d = 0; d < D; d++) QS[g * D + d] = q[g * q_sh + d] * qscale;
+    for (int64_t i = 0; i < G * D; i++) O[i] = 0.0f;
+    for (int64_t i = G * DB; i < GMAX * DB; i++) S[i] = 0.0f; /* rows past G: read by the 6-head tiles, never used */
+    float m[GMAX], l[GMAX], alpha[GMAX];
+    for (int64_t g = 0; g < GMAX; g++) m[g] = ninf, l[g] = 0.0f;
+    for (int64_t j0 = 0; j0 < N; j0 += DB) {
+        const int64_t nb = min64(DB, N - j0);
+        for (int64_t c0 = 0; c0 < nb; c0 += 16) {
+            const int64_t nc = min64(16, nb - c0);
+            const float *kr[16];
+            for (int i = 0; i < 16; i++) kr[i] = k + (j0 + c0 + (i < nc ? i : 0)) * k_sn;
+            __mmask16 live = (__mmask16)((1u << nc) - 1u);
+            if (valid)
+                for (int i = 0; i < nc; i++)
+                    if (!valid[j0 + c0 + i]) live &= (__mmask16)~(1u << i);
+            for (int64_t g = 0; g < G; g++)
+                _mm512_storeu_ps(S + g * DB + c0, _mm512_mask_mov_ps(_mm512_set1_ps(ninf), live,
+                                                                      scores16(QS + g * D, kr, D)));
+        }
+        const int64_t nv = (nb + 15) / 16; /* a partial last vector's tail lanes hold -inf */
+        for (int64_t g = 0; g < G; g++) {
+            float *sg = S + g * DB;
+            __m512 mx = _mm512_set1_ps(ninf);
+            for (int64_t t = 0; t < nv; t++) mx = _mm512_max_ps(mx, _mm512_loadu_ps(sg + 16 * t));
+            const float mn = fmaxf(m[g], _mm512_reduce_max_ps(mx));
+            /* -inf (no key seen yet) shifts by 0, so exp2 still maps the -inf scores to 0 */
+            const __m512 shift = _mm512_set1_ps(mn == ninf ? 0.0f : mn);
+            __m512 sum = _mm512_setzero_ps();
+            for (int64_t t = 0; t < nv; t++) {
+                const __m512 e = exp2_ps512(_mm512_sub_ps(_mm512_loadu_ps(sg + 16 * t), shift));
+                _mm512_storeu_ps(sg + 16 * t, e);
+                sum = _mm512_add_ps(sum, e);
+            }
+            alpha[g] = m[g] == ninf ? 0.0f : exp2f(m[g] - mn);
+            l[g] = l[g] * alpha[g] + _mm512_reduce_add_ps(sum);
+            m[g] = mn;
+        }
+        /* O[g] = alpha[g] O[g] + sum_c P[g][c] V[c]: 6 heads x 64 dims in 24 named accumulators */
+        for (int64_t dc = 0; dc < D; dc += 64)
+            for (int64_t g0 = 0; g0 < G; g0 += 6) {
+                const float *p0 = S + g0 * DB, *p1 = p0 + DB, *p2 = p1 + DB, *p3 = p2 + DB, *p4 = p3 + DB,
+                            *p5 = p4 + DB;
+#define ROW6(X) X(0) X(1) X(2) X(3) X(4) X(5)
+#define DECL(i) __m512 c##i##0 = _mm512_setzero_ps(), c##i##1 = c##i##0, c##i##2 = c##i##0, c##i##3 = c##i##0;
+                ROW6(DECL)
+#undef DECL
+                const float *vr = v + j0 * v_sn + dc;
+                for (int64_t c = 0; c < nb; c++, vr += v_sn) {
+                    const __m512 v0 = _mm512_loadu_ps(vr), v1 = _mm512_loadu_ps(vr + 16);
+                    const __m512 v2 = _mm512_loadu_ps(vr + 32), v3 = _mm512_loadu_ps(vr + 48);
+#define FMA(i)                                                                                                        \
+    {                                                                                                                 \
+        const __m512 pc = _mm512_set1_ps(p##i[c]);                                                                    \
+        c##i##0 = _mm512_fmadd_ps(pc, v0, c##i##0);                                                                   \
+        c##i##1 = _mm512_fmadd_ps(pc, v1, c##i##1);                                                                   \
+        c##i##2 = _mm512_fmadd_ps(pc, v2, c##i##2);                                                                   \
+        c##i##3 = _mm512_fmadd_ps(pc, v3, c##i##3);                                                                   \
+    }
+                    ROW6(FMA)
+#undef FMA
+                }
+#define STORE(i)                                                                                                      \
+    if (g0 + i < G) {                                                                                                 \
+        float *og = O + (g0 + i) * D + dc;                                                                            \
+        const __m512 a = _mm512_set1_ps(alpha[g0 + i]);                                                               \
+        _mm512_storeu_ps(og, _mm512_fmadd_ps(_mm512_loadu_ps(og), a, c##i##0));                                       \
+        _mm512_storeu_ps(og + 16, _mm512_fmadd_ps(_mm512_loadu_ps(og + 16), a, c##i##1));                             \
+        _mm512_storeu_ps(og + 32, _mm512_fmadd_ps(_mm512_loadu_ps(og + 32), a, c##i##2));                             \
+        _mm512_storeu_ps(og + 48, _mm512_fmadd_ps(_mm512_loadu_ps(og + 48), a, c##i##3));                             \
+    }
+                ROW6(STORE)
+#undef STORE
+#undef ROW6
+            }
+    }
+    for (int64_t g = 0; g < G; g++) {
+        const float inv = l[g] > 0.0f ? 1.0f / l[g] : 0.0f;
+        for (int64_t d = 0; d < D; d++) o[g * o_sh + d] = O[g * D + d] * inv;
+    }
+}
+
+/* Whether this CPU (and its OS) runs AVX-512F and the step's D suits the 64-dim tiles. */
+static int decode_avx512_ok(int64_t D) { return D % 64 == 0 && __builtin_cpu_supports("avx512f"); }
+
+/* Whether decode_attention_f32 runs here for head dim D: AVX-512F on this CPU and its OS, D a multiple of 64. */
+int decode_attention_supported(int64_t D) { return decode_avx512_ok(D); }
+
+/* q (B, H, D) and out (B, H, D): element strides for batch and head; k/v (B, Hkv, N, D): strides for batch, head and
+ * key; the last dimension of each contiguous. Returns 0, -1 when the shapes or this CPU are not supported, -2 when
+ * out of memory. */
+int decode_attention_f32(const float *q, const float *k, const float *v, float *out, int64_t B, int64_t H,
+                         int64_t Hkv, int64_t N, int64_t D, int64_t q_sb, int64_t q_sh, int64_t k_sb, int64_t k_sh,
+                         int64_t k_sn, int64_t v_sb, int64_t v_sh, int64_t v_sn, int64_t o_sb, int64_t o_sh,
+                         const uint8_t *valid, int64_t valid_sb, float scale, int nthreads) {
+    if (!decode_avx512_ok(D) || Hkv < 1 || H % Hkv || H / Hkv > GMAX || N < 1) return -1;
+    const int64_t G = H / Hkv, items = B * Hkv;
+    const float qscale = scale * 1.4426950408889634f;
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads)
+    {
+        float *QS = (float *)aligned_alloc(64, (size_t)(GMAX * D) * sizeof(float));
+        float *S = (float *)aligned_alloc(64, (size_t)(GMAX * DB) * sizeof(float));
+        float *O = (float *)aligned_alloc(64, (size_t)(GMAX * D) * sizeof(float));
+        if (!QS || !S || !O) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t it = 0; it < items; it++) {
+            if (!QS || !S || !O) continue;
+            const int64_t b = it / Hkv, hk = it % Hkv;
+            decode_group512(
+                q + b * q_sb + hk * G * q_sh, q_sh, k + b * k_sb + hk * k_sh, k_sn, v + b * v_sb + hk * v_sh, v_sn,
+                out + b * o_sb + hk * G * o_sh, o_sh, valid ? valid + b * valid_sb : NULL, G, N, D, qscale, QS, S, O);
+        }
+        free(QS);
+        free(S);
+        free(O);
+    }
+    return failed ? -2 : 0;
+}

@@ -1,4 +1,8 @@
-"""The CPU band-attention kernel (``band_cpu.c``): built on first use, called through ctypes.
+"""The CPU attention kernels (``band_cpu.c``): built on first use, called through ctypes.
+
+Two kernels share the library and its build: the band kernel (below) and the decode kernel
+(:func:`decode_attention`: one new token per sequence against a long K/V cache, streaming K and V once; AVX-512
+only, where SDPA reads them at about half the memory's rate; see the C file for the layout).
 
 Inference-only fast path of sliding-window attention on x86-64 CPUs with AVX2/FMA in fp32 (see the C file for why
 torch's SDPA cannot do this work). It is compiled once per source version with the system C compiler
@@ -261,6 +265,12 @@ def _library() -> ctypes.CDLL | None:
     fn.argtypes = ([ctypes.c_void_p] * 5 + [ctypes.c_int64] * 6 + [ctypes.c_int64] * 12
                    + [ctypes.c_int64, ctypes.c_int64, ctypes.c_float]
                    + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 8 + [ctypes.c_int])
+    fn = lib.decode_attention_f32
+    fn.restype = ctypes.c_int
+    fn.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_int64] * 15
+                   + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int])
+    lib.decode_attention_supported.restype = ctypes.c_int
+    lib.decode_attention_supported.argtypes = [ctypes.c_int64]
     return lib
 
 
@@ -353,3 +363,82 @@ def band_attention(
     if rc != 0:
         raise RuntimeError(f"band_attention kernel failed (code {rc}) on q{tuple(query.shape)} k{tuple(key.shape)}")
     return out, lse
+
+
+PROFILE_NAME = "hf_attn_swap::decode_attention"
+DECODE_MAX_GROUP = 16  # query heads per KV head one block of the decode kernel holds (band_cpu.c: GMAX)
+
+
+def decode_unavailable_reason() -> str | None:
+    """Why the decode kernel cannot run on this machine (the band kernel's reasons, or no AVX-512F), or None."""
+    reason = unavailable_reason()
+    if reason is None and "avx512f" not in (_cpu_flags() or set()):
+        reason = "the decode kernel needs AVX-512F, this CPU lacks it (decode steps take torch's SDPA)"
+    return reason
+
+
+@functools.lru_cache(maxsize=None)
+def decode_available(head_dim: int) -> bool:
+    """Whether the decode kernel runs here for this head dim: the library builds, the CPU (and OS) run AVX-512F,
+    and ``head_dim`` is a multiple of 64. Elsewhere decode steps take torch's SDPA, which computes the same."""
+    lib = _library()
+    return lib is not None and bool(lib.decode_attention_supported(head_dim))
+
+
+def decode_usable(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
+    """Whether :func:`decode_attention` can take these tensors: one query per sequence, CPU fp32, at most 16 query
+    heads per KV head, last dimensions contiguous, no autograd, and :func:`decode_available` for the head dim."""
+    return (
+        query.dim() == 4 and query.shape[2] == 1 and key.shape[2] >= 1
+        and query.shape[1] % key.shape[1] == 0 and query.shape[1] // key.shape[1] <= DECODE_MAX_GROUP
+        and usable(query, key, value)
+        and decode_available(query.shape[-1])
+    )
+
+
+def decode_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, scale: float,
+    key_valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One decode step of softmax attention: each sequence's query ``(b, H, 1, d)`` attends to the keys of
+    ``key``/``value`` (``(b, H_kv, n, d)``) that ``key_valid`` (bool ``(b or 1, n)``, None: all) allows; the
+    ``H / H_kv`` query heads of a KV head share it, without repeated K/V. K and V are read once, in order.
+
+    Returns:
+        ``(b, 1, H, d)``, the layout transformers' attention functions return. A sequence that sees no key gets
+        zeros. Call only when :func:`decode_usable` is True.
+    """
+    b, h, m, d = query.shape
+    h_kv, n = key.shape[1], key.shape[2]
+    if not (m == 1 and key.shape[0] == b and key.shape[-1] == d and value.shape == key.shape and h % h_kv == 0
+            and h // h_kv <= DECODE_MAX_GROUP and d % 64 == 0
+            and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.stride(-1) == 1
+                    for t in (query, key, value))):
+        raise ValueError("decode_attention: query (b, H, 1, d), key and value (b, H_kv, n, d), CPU float32 with a "
+                         f"contiguous last dimension, d a multiple of 64, H / H_kv <= {DECODE_MAX_GROUP}; got "
+                         f"q{tuple(query.shape)} k{tuple(key.shape)} v{tuple(value.shape)} {query.dtype}")
+    valid_ptr, valid_sb = None, 0
+    if key_valid is not None:
+        if key_valid.dtype != torch.bool or key_valid.dim() != 2 or key_valid.shape[0] not in (1, b) \
+                or key_valid.shape[1] != n:
+            raise ValueError(f"decode_attention: key_valid must be bool (b or 1, n) = ({b} or 1, {n}), got "
+                             f"{key_valid.dtype} {tuple(key_valid.shape)}")
+        if key_valid.stride(-1) != 1:
+            key_valid = key_valid.contiguous()
+        key_valid = key_valid.view(torch.uint8)  # same bytes: the C side reads 0 / 1
+        valid_ptr, valid_sb = key_valid.data_ptr(), key_valid.stride(0) if key_valid.shape[0] > 1 else 0
+    if not decode_available(d):
+        raise RuntimeError(f"the decode kernel does not run here (it needs the kernel library and AVX-512F; see "
+                           f"band_cpu.decode_available()); {ENV}={os.environ.get(ENV)!r}")
+    lib = _library()
+    out = query.new_empty(b, 1, h, d)
+    # named for torch.profiler (eval/step_profile.py counts it as attention): a ctypes call is no operator
+    with torch.profiler.record_function(PROFILE_NAME):
+        rc = lib.decode_attention_f32(
+            query.data_ptr(), key.data_ptr(), value.data_ptr(), out.data_ptr(), b, h, h_kv, n, d,
+            query.stride(0), query.stride(1), *key.stride()[:3], *value.stride()[:3], out.stride(0), out.stride(2),
+            valid_ptr, valid_sb, float(scale), torch.get_num_threads(),
+        )
+    if rc != 0:
+        raise RuntimeError(f"decode_attention kernel failed (code {rc}) on q{tuple(query.shape)} k{tuple(key.shape)}")
+    return out

@@ -3,7 +3,9 @@
 ``swap_attention(model, "gqa", groups=G, strategy="mean")`` leaves ``G`` KV heads (``"mqa"`` is ``G = 1``). The
 attention function reads each KV head once for all of its query heads: at decode the group is folded into the query
 length (one ``(G*q, kv)`` problem per KV head); in prefill SDPA's ``enable_gqa`` is used. Neither copies K/V, so the
-smaller cache also means fewer bytes read per decoded token, which is where GQA's speed-up lives.
+smaller cache also means fewer bytes read per decoded token, which is where GQA's speed-up lives. On CPUs with
+AVX-512, a one-token decode step in fp32 inference takes the streaming decode kernel of :mod:`.band_cpu` instead,
+which reads K and V at about the rate memory allows (SDPA reads them at about half of it).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from ..convert.pooling import CALIBRATED, STRATEGIES, convert_projections, rotar
 from ..convert.projections import build_new_modules, commit, find_attention, read_projections
 from ..reference import causal_bool_mask, reference_attention
 from ..registry import register_variant
+from . import band_cpu
 from ._common import grouped_kv
 
 logger = logging.getLogger(__name__)
@@ -166,6 +169,13 @@ def grouped_attention(
     mask = attention_mask
     if mask is not None and mask.dtype != torch.bool:
         mask = mask[..., -kv_len:]
+    # One token per sequence in inference (a decode step): the streaming kernel, where it runs. Not while compiling:
+    # a ctypes call would break the graph at every layer.
+    if q_len == 1 and not dropout and not torch.compiler.is_compiling() and band_cpu.decode_usable(query, key, value):
+        valid = _decode_key_valid(mask, b, kv_len)
+        if valid is not False:
+            return band_cpu.decode_attention(query, key, value, scale=d**-0.5 if scaling is None else scaling,
+                                             key_valid=valid), None
     causal_flag = False
     if mask is None and is_causal and q_len > 1:
         if q_len == kv_len:
@@ -193,6 +203,19 @@ def grouped_attention(
             query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling, is_causal=causal_flag, **kw
         )
     return out.transpose(1, 2).contiguous(), None
+
+
+def _decode_key_valid(mask: torch.Tensor | None, batch: int, kv_len: int) -> torch.Tensor | None | bool:
+    """The decode kernel's view of a one-query SDPA mask: None (every key), a bool ``(b or 1, kv)`` row per sequence,
+    or False where the kernel cannot express it (per-head or additive masks) or a sequence would see no key (what
+    SDPA gives such a query, NaN or zeros by torch version, stays as it was)."""
+    if mask is None:
+        return None
+    if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != 1 \
+            or mask.shape[3] != kv_len or mask.shape[0] not in (1, batch):
+        return False
+    valid = mask[:, 0, 0, :]
+    return valid if bool(valid.any(-1).all()) else False
 
 
 def convert_gqa(model: torch.nn.Module, config: GQAConfig | MQAConfig, layers: list[int], *, calibration: Any = None,

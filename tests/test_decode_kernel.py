@@ -1,0 +1,196 @@
+"""The C decode-attention kernel (variants/band_cpu.c: decode_attention_f32) held to the dense reference, and the
+rules by which GQA/MQA decode steps take it or SDPA."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from hf_attn_swap.reference import reference_attention
+from hf_attn_swap.variants import band_cpu
+from hf_attn_swap.variants.gqa import grouped_attention
+
+TOL = 2e-5
+
+# Where the CPU cannot run it (no AVX-512F, not x86-64, no compiler) decode steps take SDPA, which
+# test_variants_* hold to the reference; the reason is printed with -rs.
+_CANNOT = band_cpu.decode_unavailable_reason()
+pytestmark = pytest.mark.skipif(_CANNOT is not None, reason=f"decode kernel cannot run here: {_CANNOT}")
+
+
+class _Module(torch.nn.Module):
+    is_causal = True
+
+
+def _reference(q, k, v, valid, scale):
+    """(b, 1, H, d) like the kernel; valid: bool (b or 1, n) or None."""
+    mask = None if valid is None else valid[:, None, None, :].expand(q.shape[0], 1, 1, k.shape[2])
+    return reference_attention(q, k, v, mask, scaling=scale, is_causal=False)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _kernel_runs():
+    # This CPU can run it and a compiler is there: the kernel must build, not quietly fall back.
+    assert band_cpu.decode_available(64), "band_cpu.c did not build, or its decode kernel does not run here"
+
+
+@pytest.mark.parametrize(
+    "b,h,h_kv,n,d",
+    [
+        (1, 9, 3, 1, 64),       # a single cached key
+        (2, 9, 1, 700, 64),     # SmolLM2 MQA: 9 query heads on one KV head, a partial last block
+        (3, 9, 3, 256, 64),     # SmolLM2 GQA-3, exactly two blocks
+        (2, 4, 4, 129, 128),    # MHA, d=128 (Llama), one key past a block
+        (1, 16, 1, 77, 64),     # the largest group a block holds
+        (2, 12, 2, 33, 192),    # three 64-dim tiles, keys not a multiple of 16
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("masking", ["none", "per_sequence", "shared"])
+def test_kernel_matches_reference(b, h, h_kv, n, d, masking):
+    g = torch.Generator().manual_seed(n + d + h)
+    q = torch.randn(b, h, 1, d, generator=g)
+    k, v = (torch.randn(b, h_kv, n, d, generator=g) * 2 for _ in range(2))
+    valid = None
+    if masking != "none":
+        valid = torch.rand(b if masking == "per_sequence" else 1, n, generator=g) > 0.4
+        valid[:, -1] = True
+    scale = 0.8 / d**0.5
+    out = band_cpu.decode_attention(q, k, v, scale=scale, key_valid=valid)
+    ref = _reference(q, k, v, valid, scale)
+    assert out.shape == (b, 1, h, d)
+    assert torch.allclose(out, ref, atol=TOL), (out - ref).abs().max()
+
+
+def test_left_padding_hides_whole_blocks():
+    """A sequence whose first 300 keys are padding: the online softmax starts from blocks that see nothing."""
+    g = torch.Generator().manual_seed(1)
+    q, (k, v) = torch.randn(2, 9, 1, 64, generator=g), (torch.randn(2, 1, 1000, 64, generator=g) for _ in range(2))
+    valid = torch.ones(2, 1000, dtype=torch.bool)
+    valid[0, :300] = False
+    valid[1, 500:] = False  # and one whose last blocks are hidden
+    out = band_cpu.decode_attention(q, k, v, scale=0.125, key_valid=valid)
+    assert torch.allclose(out, _reference(q, k, v, valid, 0.125), atol=TOL)
+
+
+def test_reads_a_static_cache_in_place():
+    """K/V as a static cache holds them: views of a longer buffer (strided over batch and head), never copied."""
+    g = torch.Generator().manual_seed(2)
+    buf_k, buf_v = (torch.randn(3, 2, 4, 600, 64, generator=g) for _ in range(2))
+    k, v = buf_k[:, 1, :3, :450], buf_v[:, 0, 1:, :450]
+    assert not k.is_contiguous() and not v.is_contiguous()
+    q = torch.randn(3, 12, 64, generator=g)[:, :, None]  # (b, H, 1, d) view
+    out = band_cpu.decode_attention(q, k, v, scale=0.125)
+    assert torch.allclose(out, _reference(q, k.contiguous(), v.contiguous(), None, 0.125), atol=TOL)
+
+
+def test_threads_split_the_work_without_changing_a_bit():
+    g = torch.Generator().manual_seed(3)
+    q, k, v = torch.randn(4, 6, 1, 64, generator=g), torch.randn(4, 2, 500, 64, generator=g), torch.randn(4, 2, 500, 64, generator=g)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = band_cpu.decode_attention(q, k, v, scale=0.125)
+        torch.set_num_threads(2)
+        two = band_cpu.decode_attention(q, k, v, scale=0.125)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+
+
+def test_bad_layout_is_a_clear_error():
+    q, k = torch.randn(1, 4, 1, 64), torch.randn(1, 2, 10, 64)
+    with pytest.raises(ValueError, match="d a multiple of 64"):
+        band_cpu.decode_attention(q[..., :32], k[..., :32], k[..., :32], scale=1.0)
+    with pytest.raises(ValueError, match=r"query \(b, H, 1, d\)"):
+        band_cpu.decode_attention(torch.randn(1, 4, 2, 64), k, k, scale=1.0)  # two queries: not a decode step
+    with pytest.raises(ValueError, match="H / H_kv <= 16"):
+        band_cpu.decode_attention(torch.randn(1, 17, 1, 64), k[:, :1], k[:, :1], scale=1.0)
+    with pytest.raises(ValueError, match="key_valid must be bool"):
+        band_cpu.decode_attention(q, k, k, scale=1.0, key_valid=torch.ones(1, 9, dtype=torch.bool))
+
+
+def _decode_step(dtype, mask=None, b=2, h=9, h_kv=1, n=300):
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(b, h, 1, 64, generator=g).to(dtype)
+    k, v = (torch.randn(b, h_kv, n, 64, generator=g).to(dtype) for _ in range(2))
+    return q, k, v, mask
+
+
+@pytest.mark.parametrize(
+    "case,takes_kernel",
+    [("fp32", True), ("bool_mask", True), ("bf16", False), ("grad", False), ("per_head_mask", False),
+     ("sequence_sees_nothing", False), ("switched_off", False), ("two_queries", False)],
+)
+def test_grouped_attention_takes_the_kernel_only_where_it_applies(monkeypatch, case, takes_kernel):
+    """GQA/MQA decode steps go through the kernel in fp32 inference and through SDPA otherwise (bf16, autograd,
+    masks the kernel cannot express, a sequence with no visible key, band_cpu.off()); both match the reference."""
+    calls = []
+    real = band_cpu.decode_attention
+    monkeypatch.setattr(band_cpu, "decode_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    dtype = torch.bfloat16 if case == "bf16" else torch.float32
+    q, k, v, _ = _decode_step(dtype)
+    mask = None
+    if case in ("bool_mask", "sequence_sees_nothing"):
+        mask = torch.ones(2, 1, 1, 300, dtype=torch.bool)
+        mask[0, ..., :120] = False
+        if case == "sequence_sees_nothing":
+            mask[1] = False
+    if case == "per_head_mask":
+        mask = torch.rand(2, 1, 9, 300, generator=torch.Generator().manual_seed(5)).reshape(2, 9, 1, 300) > 0.3
+    if case == "two_queries":
+        q = torch.cat([q, q], dim=2)
+        mask = torch.ones(2, 1, 2, 300, dtype=torch.bool)
+    if case == "grad":
+        q.requires_grad_()
+    with torch.no_grad() if case != "grad" else torch.enable_grad(), \
+            band_cpu.off() if case == "switched_off" else contextlib.nullcontext():
+        out, _ = grouped_attention(_Module(), q, k, v, mask, scaling=0.125)
+    assert bool(calls) == takes_kernel
+    ref = reference_attention(q.float(), k.float(), v.float(), mask, scaling=0.125, is_causal=True)
+    if case == "sequence_sees_nothing":  # what SDPA gives a query with nothing to see (by torch version) stays
+        out, ref = out[:1], ref[:1]
+    tol = 2e-2 if dtype == torch.bfloat16 else TOL
+    assert torch.allclose(out.float(), ref, atol=tol), (out.float() - ref).abs().max()
+
+
+def test_real_model_decodes_the_same_through_the_kernel():
+    """SmolLM2 converted to MQA, greedy decoding with left padding through a dynamic and a static cache: the same
+    tokens and the same logits (to fp32 rounding over 30 layers) with the kernel as with SDPA."""
+    from hf_attn_swap import swap_attention
+    from hf_attn_swap.zoo import load_model
+
+    model, tok = load_model("smollm2-135m")
+    swap_attention(model, "mqa", strategy="mean")
+    ids = tok(["The king said that the", "Once upon a time, in a land far"], return_tensors="pt", padding=True)
+    assert not bool(ids["attention_mask"].all())  # the shorter prompt is padded
+    calls = []
+    real = band_cpu.decode_attention
+    try:
+        band_cpu.decode_attention = lambda *a, **kw: calls.append(1) or real(*a, **kw)
+        with torch.no_grad():
+            for cache in ("dynamic", "static"):
+                kw = dict(max_new_tokens=8, do_sample=False, cache_implementation=cache, output_scores=True,
+                          return_dict_in_generate=True)
+                calls.clear()
+                fast = model.generate(**ids, **kw)
+                assert len(calls) == 30 * 7  # every layer of every step after the prefill
+                with band_cpu.off():
+                    slow = model.generate(**ids, **kw)
+                assert torch.equal(fast.sequences, slow.sequences), cache
+                for a, b in zip(fast.scores, slow.scores):
+                    assert torch.allclose(a, b, atol=5e-3, rtol=0), (cache, (a - b).abs().max())
+    finally:
+        band_cpu.decode_attention = real
+
+
+def test_step_profile_counts_the_kernel_as_attention():
+    """A ctypes call is no torch operator: the kernel names itself for the profiler, so decode steps' time in it is
+    attention, not Python, in the speed report's breakdown."""
+    from hf_attn_swap.eval.step_profile import profile_step
+
+    q, k = torch.randn(2, 9, 1, 64), torch.randn(2, 1, 2048, 64)
+    split = profile_step(lambda: band_cpu.decode_attention(q, k, k, scale=0.125), steps=2)
+    assert split["attention"] > 0.5 * split["wall"], split
