@@ -122,14 +122,15 @@ def _decode_step(dtype, mask=None, b=2, h=9, h_kv=1, n=300):
 @pytest.mark.parametrize(
     "case,takes_kernel",
     [("fp32", True), ("bool_mask", True), ("bf16", False), ("grad", False), ("per_head_mask", False),
-     ("sequence_sees_nothing", False), ("switched_off", False), ("two_queries", False)],
+     ("sequence_sees_nothing", True), ("switched_off", False), ("two_queries", False)],
 )
 def test_grouped_attention_takes_the_kernel_only_where_it_applies(monkeypatch, case, takes_kernel):
     """GQA/MQA decode steps go through the kernel in fp32 inference and through SDPA otherwise (bf16, autograd,
-    masks the kernel cannot express, a sequence with no visible key, band_cpu.off()); both match the reference."""
+    masks the kernel cannot express, band_cpu.off()); both match the reference. A sequence with no visible key gets
+    zeros from the kernel, as from SDPA."""
     calls = []
-    real = band_cpu.decode_attention
-    monkeypatch.setattr(band_cpu, "decode_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    real = band_cpu.decode_attention_unchecked
+    monkeypatch.setattr(band_cpu, "decode_attention_unchecked", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     dtype = torch.bfloat16 if case == "bf16" else torch.float32
     q, k, v, _ = _decode_step(dtype)
     mask = None
@@ -150,7 +151,11 @@ def test_grouped_attention_takes_the_kernel_only_where_it_applies(monkeypatch, c
         out, _ = grouped_attention(_Module(), q, k, v, mask, scaling=0.125)
     assert bool(calls) == takes_kernel
     ref = reference_attention(q.float(), k.float(), v.float(), mask, scaling=0.125, is_causal=True)
-    if case == "sequence_sees_nothing":  # what SDPA gives a query with nothing to see (by torch version) stays
+    if case == "sequence_sees_nothing":
+        assert torch.equal(out[1], torch.zeros_like(out[1]))
+        with torch.no_grad(), band_cpu.off():
+            sdpa, _ = grouped_attention(_Module(), q, k, v, mask, scaling=0.125)
+        assert torch.equal(sdpa[1], out[1])  # what SDPA gives it too (torch >= 2.5)
         out, ref = out[:1], ref[:1]
     tol = 2e-2 if dtype == torch.bfloat16 else TOL
     assert torch.allclose(out.float(), ref, atol=tol), (out.float() - ref).abs().max()
@@ -167,9 +172,9 @@ def test_real_model_decodes_the_same_through_the_kernel():
     ids = tok(["The king said that the", "Once upon a time, in a land far"], return_tensors="pt", padding=True)
     assert not bool(ids["attention_mask"].all())  # the shorter prompt is padded
     calls = []
-    real = band_cpu.decode_attention
+    real = band_cpu.decode_attention_unchecked
     try:
-        band_cpu.decode_attention = lambda *a, **kw: calls.append(1) or real(*a, **kw)
+        band_cpu.decode_attention_unchecked = lambda *a, **kw: calls.append(1) or real(*a, **kw)
         with torch.no_grad():
             for cache in ("dynamic", "static"):
                 kw = dict(max_new_tokens=8, do_sample=False, cache_implementation=cache, output_scores=True,
@@ -183,7 +188,7 @@ def test_real_model_decodes_the_same_through_the_kernel():
                 for a, b in zip(fast.scores, slow.scores):
                     assert torch.allclose(a, b, atol=5e-3, rtol=0), (cache, (a - b).abs().max())
     finally:
-        band_cpu.decode_attention = real
+        band_cpu.decode_attention_unchecked = real
 
 
 def test_step_profile_counts_the_kernel_as_attention():

@@ -247,7 +247,7 @@ int band_attention_f32(const float *q, const float *k, const float *v, float *ou
  *   S  (GMAX x DB) one block's scores, then probabilities: one row per query head, keys along the row;
  *   O  (G x D)     the running, unnormalised outputs, rescaled when a block raises a head's running max.
  * valid (B, N) bytes, row stride valid_sb (0: one row for every sequence), or NULL: which keys each sequence sees.
- * A query that sees no key gets zeros (the caller leaves that case to SDPA). */
+ * A query that sees no key gets zeros (as from torch's SDPA). */
 #define DB 128
 #define GMAX 16
 #define T512 __attribute__((target("avx512f")))

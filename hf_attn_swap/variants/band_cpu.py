@@ -417,28 +417,43 @@ def decode_attention(
         raise ValueError("decode_attention: query (b, H, 1, d), key and value (b, H_kv, n, d), CPU float32 with a "
                          f"contiguous last dimension, d a multiple of 64, H / H_kv <= {DECODE_MAX_GROUP}; got "
                          f"q{tuple(query.shape)} k{tuple(key.shape)} v{tuple(value.shape)} {query.dtype}")
+    if key_valid is not None and (key_valid.dtype != torch.bool or key_valid.dim() != 2
+                                  or key_valid.shape[0] not in (1, b) or key_valid.shape[1] != n):
+        raise ValueError(f"decode_attention: key_valid must be bool (b or 1, n) = ({b} or 1, {n}), got "
+                         f"{key_valid.dtype} {tuple(key_valid.shape)}")
+    if not decode_available(d):
+        raise RuntimeError(f"the decode kernel does not run here (it needs the kernel library and AVX-512F; see "
+                           f"band_cpu.decode_available()); {ENV}={os.environ.get(ENV)!r}")
+    return decode_attention_unchecked(query, key, value, scale, key_valid)
+
+
+def decode_attention_unchecked(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
+                               key_valid: torch.Tensor | None) -> torch.Tensor:
+    """:func:`decode_attention` without its checks, for callers that have just asked :func:`decode_usable` (a decode
+    step calls this once per layer, where the checks would cost about as much as the kernel at short contexts)."""
+    b, h, _, d = query.shape
+    h_kv, n = key.shape[1], key.shape[2]
     valid_ptr, valid_sb = None, 0
     if key_valid is not None:
-        if key_valid.dtype != torch.bool or key_valid.dim() != 2 or key_valid.shape[0] not in (1, b) \
-                or key_valid.shape[1] != n:
-            raise ValueError(f"decode_attention: key_valid must be bool (b or 1, n) = ({b} or 1, {n}), got "
-                             f"{key_valid.dtype} {tuple(key_valid.shape)}")
         if key_valid.stride(-1) != 1:
             key_valid = key_valid.contiguous()
         key_valid = key_valid.view(torch.uint8)  # same bytes: the C side reads 0 / 1
         valid_ptr, valid_sb = key_valid.data_ptr(), key_valid.stride(0) if key_valid.shape[0] > 1 else 0
-    if not decode_available(d):
-        raise RuntimeError(f"the decode kernel does not run here (it needs the kernel library and AVX-512F; see "
-                           f"band_cpu.decode_available()); {ENV}={os.environ.get(ENV)!r}")
-    lib = _library()
     out = query.new_empty(b, 1, h, d)
-    # named for torch.profiler (eval/step_profile.py counts it as attention): a ctypes call is no operator
-    with torch.profiler.record_function(PROFILE_NAME):
-        rc = lib.decode_attention_f32(
-            query.data_ptr(), key.data_ptr(), value.data_ptr(), out.data_ptr(), b, h, h_kv, n, d,
+    args = (query.data_ptr(), key.data_ptr(), value.data_ptr(), out.data_ptr(), b, h, h_kv, n, d,
             query.stride(0), query.stride(1), *key.stride()[:3], *value.stride()[:3], out.stride(0), out.stride(2),
-            valid_ptr, valid_sb, float(scale), torch.get_num_threads(),
-        )
+            valid_ptr, valid_sb, float(scale), torch.get_num_threads())
+    if _profiling():  # named for torch.profiler (eval/step_profile.py counts it as attention): ctypes is no operator
+        with torch.profiler.record_function(PROFILE_NAME):
+            rc = _library().decode_attention_f32(*args)
+    else:
+        rc = _library().decode_attention_f32(*args)
     if rc != 0:
         raise RuntimeError(f"decode_attention kernel failed (code {rc}) on q{tuple(query.shape)} k{tuple(key.shape)}")
     return out
+
+
+def _profiling() -> bool:
+    # torch's own flag (private, so if it goes away every call is named: correct, ~5 us slower)
+    flag = getattr(torch.autograd.profiler, "_is_profiler_enabled", True)
+    return bool(flag)

@@ -174,8 +174,8 @@ def grouped_attention(
     if q_len == 1 and not dropout and not torch.compiler.is_compiling() and band_cpu.decode_usable(query, key, value):
         valid = _decode_key_valid(mask, b, kv_len)
         if valid is not False:
-            return band_cpu.decode_attention(query, key, value, scale=d**-0.5 if scaling is None else scaling,
-                                             key_valid=valid), None
+            return band_cpu.decode_attention_unchecked(query, key, value, d**-0.5 if scaling is None else scaling,
+                                                       valid), None
     causal_flag = False
     if mask is None and is_causal and q_len > 1:
         if q_len == kv_len:
@@ -207,15 +207,14 @@ def grouped_attention(
 
 def _decode_key_valid(mask: torch.Tensor | None, batch: int, kv_len: int) -> torch.Tensor | None | bool:
     """The decode kernel's view of a one-query SDPA mask: None (every key), a bool ``(b or 1, kv)`` row per sequence,
-    or False where the kernel cannot express it (per-head or additive masks) or a sequence would see no key (what
-    SDPA gives such a query, NaN or zeros by torch version, stays as it was)."""
+    or False where the kernel cannot express it (per-head or additive masks). A sequence that sees no key gets zeros
+    there, as from torch's SDPA."""
     if mask is None:
         return None
     if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != 1 \
             or mask.shape[3] != kv_len or mask.shape[0] not in (1, batch):
         return False
-    valid = mask[:, 0, 0, :]
-    return valid if bool(valid.any(-1).all()) else False
+    return mask[:, 0, 0, :]
 
 
 def convert_gqa(model: torch.nn.Module, config: GQAConfig | MQAConfig, layers: list[int], *, calibration: Any = None,
