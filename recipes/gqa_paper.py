@@ -412,6 +412,7 @@ def markdown(data: dict[str, Any], stem: str) -> str:
         f"{' (uncommitted changes)' if git.get('dirty') else ''}, {prov.get('cpu')}, {prov.get('torch_threads')} "
         f"thread(s), load average {prov.get('load_average')}; {data['cpu_seconds'] / 60:.1f} CPU-minutes.",
         "",
+        *[f"Note: {n}\n" for n in data.get("notes", [])],
         f"Model: `{data['pretrain']['path']}` ({data['pretrain']['parameters'] / 1e6:.1f}M parameters, {heads} heads, "
         f"pre-trained on {data['pretrain']['tokens']:,} tokens at commit `{data['pretrain']['commit']}`). Perplexity: "
         f"geometric mean over the validation splits of {', '.join(data['mha']['ppl'])}. Decode: cache filled to "

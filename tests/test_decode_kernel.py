@@ -64,6 +64,17 @@ def test_kernel_matches_reference(b, h, h_kv, n, d, masking):
     assert torch.allclose(out, ref, atol=TOL), (out - ref).abs().max()
 
 
+def test_every_group_size():
+    """G = 1..16 query heads per KV head: P @ V splits the heads into tiles of at most 6 (9 -> 5 + 4, 16 -> 6 + 5 + 5),
+    and every split is held to the reference."""
+    g = torch.Generator().manual_seed(7)
+    for group in range(1, 17):
+        q = torch.randn(2, 2 * group, 1, 64, generator=g)
+        k, v = (torch.randn(2, 2, 150, 64, generator=g) for _ in range(2))
+        out = band_cpu.decode_attention(q, k, v, scale=0.125)
+        assert torch.allclose(out, _reference(q, k, v, None, 0.125), atol=TOL), group
+
+
 def test_left_padding_hides_whole_blocks():
     """A sequence whose first 300 keys are padding: the online softmax starts from blocks that see nothing."""
     g = torch.Generator().manual_seed(1)

@@ -306,6 +306,53 @@ T512 static inline __m512 scores16(const float *qg, const float *const kr[16], i
 }
 #undef KEY16
 
+/* P @ V for n heads (rows p, p + DB, ...) and 64 dims of V (rows vr, vr + v_sn, ...) over nb keys, added to the
+ * outputs og, og + D, ... after scaling them by alpha[i]: one function per n (1-6), each with 4n named accumulators
+ * (an array would be spilled to the stack on every key). */
+#define PV_DECL(i) __m512 c##i##0 = _mm512_setzero_ps(), c##i##1 = c##i##0, c##i##2 = c##i##0, c##i##3 = c##i##0;
+#define PV_FMA(i)                                                                                                     \
+    {                                                                                                                 \
+        const __m512 pc = _mm512_set1_ps(p[(i) * DB + c]);                                                            \
+        c##i##0 = _mm512_fmadd_ps(pc, v0, c##i##0);                                                                   \
+        c##i##1 = _mm512_fmadd_ps(pc, v1, c##i##1);                                                                   \
+        c##i##2 = _mm512_fmadd_ps(pc, v2, c##i##2);                                                                   \
+        c##i##3 = _mm512_fmadd_ps(pc, v3, c##i##3);                                                                   \
+    }
+#define PV_STORE(i)                                                                                                   \
+    {                                                                                                                 \
+        float *o = og + (i) * D;                                                                                      \
+        const __m512 a = _mm512_set1_ps(alpha[i]);                                                                    \
+        _mm512_storeu_ps(o, _mm512_fmadd_ps(_mm512_loadu_ps(o), a, c##i##0));                                         \
+        _mm512_storeu_ps(o + 16, _mm512_fmadd_ps(_mm512_loadu_ps(o + 16), a, c##i##1));                               \
+        _mm512_storeu_ps(o + 32, _mm512_fmadd_ps(_mm512_loadu_ps(o + 32), a, c##i##2));                               \
+        _mm512_storeu_ps(o + 48, _mm512_fmadd_ps(_mm512_loadu_ps(o + 48), a, c##i##3));                               \
+    }
+#define PV_TILE(n, ROWS)                                                                                              \
+    T512 static void pv_tile##n(const float *p, const float *vr, int64_t v_sn, int64_t nb, float *og, int64_t D,      \
+                                const float *alpha) {                                                                 \
+        ROWS(PV_DECL)                                                                                                 \
+        for (int64_t c = 0; c < nb; c++, vr += v_sn) {                                                                \
+            const __m512 v0 = _mm512_loadu_ps(vr), v1 = _mm512_loadu_ps(vr + 16);                                     \
+            const __m512 v2 = _mm512_loadu_ps(vr + 32), v3 = _mm512_loadu_ps(vr + 48);                                \
+            ROWS(PV_FMA)                                                                                              \
+        }                                                                                                             \
+        ROWS(PV_STORE)                                                                                                \
+    }
+#define ROWS1(X) X(0)
+#define ROWS2(X) ROWS1(X) X(1)
+#define ROWS3(X) ROWS2(X) X(2)
+#define ROWS4(X) ROWS3(X) X(3)
+#define ROWS5(X) ROWS4(X) X(4)
+#define ROWS6(X) ROWS5(X) X(5)
+PV_TILE(1, ROWS1)
+PV_TILE(2, ROWS2)
+PV_TILE(3, ROWS3)
+PV_TILE(4, ROWS4)
+PV_TILE(5, ROWS5)
+PV_TILE(6, ROWS6)
+typedef void (*pv_tile_fn)(const float *, const float *, int64_t, int64_t, float *, int64_t, const float *);
+static const pv_tile_fn pv_tiles[7] = {NULL, pv_tile1, pv_tile2, pv_tile3, pv_tile4, pv_tile5, pv_tile6};
+
 T512 static void decode_group512(const float *q, int64_t q_sh, const float *k, int64_t k_sn, const float *v,
                                  int64_t v_sn, float *o, int64_t o_sh, const uint8_t *valid, int64_t G, int64_t N,
                                  int64_t D, float qscale, float *QS, float *S, float *O) {
@@ -313,7 +360,6 @@ T512 static void decode_group512(const float *q, int64_t q_sh, const float *k, i
     for (int64_t g = 0; g < G; g++)
         for (int64_t d = 0; d < D; d++) QS[g * D + d] = q[g * q_sh + d] * qscale;
     for (int64_t i = 0; i < G * D; i++) O[i] = 0.0f;
-    for (int64_t i = G * DB; i < GMAX * DB; i++) S[i] = 0.0f; /* rows past G: read by the 6-head tiles, never used */
     float m[GMAX], l[GMAX], alpha[GMAX];
     for (int64_t g = 0; g < GMAX; g++) m[g] = ninf, l[g] = 0.0f;
     for (int64_t j0 = 0; j0 < N; j0 += DB) {
@@ -322,6 +368,17 @@ T512 static void decode_group512(const float *q, int64_t q_sh, const float *k, i
             const int64_t nc = min64(16, nb - c0);
             const float *kr[16];
             for (int i = 0; i < 16; i++) kr[i] = k + (j0 + c0 + (i < nc ? i : 0)) * k_sn;
+            /* Ask for memory ahead of use: this tile's V rows (P @ V reads them after the block's scores) and the
+             * next block's K rows, into L2. Without it the reads and the arithmetic take turns instead of
+             * overlapping (measured: the time per key out of cache was about in-cache time + the read's). */
+            for (int64_t i = 0; i < nc; i++) {
+                const char *vrow = (const char *)(v + (j0 + c0 + i) * v_sn);
+                for (int64_t off = 0; off < D * 4; off += 64) _mm_prefetch(vrow + off, _MM_HINT_T1);
+                if (j0 + DB + c0 + i < N) {
+                    const char *krow = (const char *)(k + (j0 + DB + c0 + i) * k_sn);
+                    for (int64_t off = 0; off < D * 4; off += 64) _mm_prefetch(krow + off, _MM_HINT_T1);
+                }
+            }
             __mmask16 live = (__mmask16)((1u << nc) - 1u);
             if (valid)
                 for (int i = 0; i < nc; i++)
@@ -348,42 +405,14 @@ T512 static void decode_group512(const float *q, int64_t q_sh, const float *k, i
             l[g] = l[g] * alpha[g] + _mm512_reduce_add_ps(sum);
             m[g] = mn;
         }
-        /* O[g] = alpha[g] O[g] + sum_c P[g][c] V[c]: 6 heads x 64 dims in 24 named accumulators */
+        /* O[g] = alpha[g] O[g] + sum_c P[g][c] V[c], in tiles of n <= 6 heads x 64 dims (4n named accumulators),
+         * the heads split as evenly as the tiles allow (G = 9: 5 + 4), so no tile computes a head that is not there */
+        const int64_t tiles = (G + 5) / 6;
         for (int64_t dc = 0; dc < D; dc += 64)
-            for (int64_t g0 = 0; g0 < G; g0 += 6) {
-                const float *p0 = S + g0 * DB, *p1 = p0 + DB, *p2 = p1 + DB, *p3 = p2 + DB, *p4 = p3 + DB,
-                            *p5 = p4 + DB;
-#define ROW6(X) X(0) X(1) X(2) X(3) X(4) X(5)
-#define DECL(i) __m512 c##i##0 = _mm512_setzero_ps(), c##i##1 = c##i##0, c##i##2 = c##i##0, c##i##3 = c##i##0;
-                ROW6(DECL)
-#undef DECL
-                const float *vr = v + j0 * v_sn + dc;
-                for (int64_t c = 0; c < nb; c++, vr += v_sn) {
-                    const __m512 v0 = _mm512_loadu_ps(vr), v1 = _mm512_loadu_ps(vr + 16);
-                    const __m512 v2 = _mm512_loadu_ps(vr + 32), v3 = _mm512_loadu_ps(vr + 48);
-#define FMA(i)                                                                                                        \
-    {                                                                                                                 \
-        const __m512 pc = _mm512_set1_ps(p##i[c]);                                                                    \
-        c##i##0 = _mm512_fmadd_ps(pc, v0, c##i##0);                                                                   \
-        c##i##1 = _mm512_fmadd_ps(pc, v1, c##i##1);                                                                   \
-        c##i##2 = _mm512_fmadd_ps(pc, v2, c##i##2);                                                                   \
-        c##i##3 = _mm512_fmadd_ps(pc, v3, c##i##3);                                                                   \
-    }
-                    ROW6(FMA)
-#undef FMA
-                }
-#define STORE(i)                                                                                                      \
-    if (g0 + i < G) {                                                                                                 \
-        float *og = O + (g0 + i) * D + dc;                                                                            \
-        const __m512 a = _mm512_set1_ps(alpha[g0 + i]);                                                               \
-        _mm512_storeu_ps(og, _mm512_fmadd_ps(_mm512_loadu_ps(og), a, c##i##0));                                       \
-        _mm512_storeu_ps(og + 16, _mm512_fmadd_ps(_mm512_loadu_ps(og + 16), a, c##i##1));                             \
-        _mm512_storeu_ps(og + 32, _mm512_fmadd_ps(_mm512_loadu_ps(og + 32), a, c##i##2));                             \
-        _mm512_storeu_ps(og + 48, _mm512_fmadd_ps(_mm512_loadu_ps(og + 48), a, c##i##3));                             \
-    }
-                ROW6(STORE)
-#undef STORE
-#undef ROW6
+            for (int64_t t = 0, g0 = 0; t < tiles; t++) {
+                const int64_t ng = (G - g0) / (tiles - t) + ((G - g0) % (tiles - t) != 0);
+                pv_tiles[ng](S + g0 * DB, v + j0 * v_sn + dc, v_sn, nb, O + g0 * D + dc, D, alpha + g0);
+                g0 += ng;
             }
     }
     for (int64_t g = 0; g < G; g++) {
