@@ -14,8 +14,9 @@ from hf_attn_swap.variants.gqa import grouped_attention
 
 TOL = 2e-5
 
-# Where the CPU cannot run it (no AVX-512F, not x86-64, no compiler) decode steps take SDPA, which
-# test_variants_* hold to the reference; the reason is printed with -rs.
+# Where the CPU cannot run it (not x86-64, no AVX2/FMA, no compiler) decode steps take SDPA, which test_variants_*
+# hold to the reference; the reason is printed with -rs. The AVX-512 version is tested where the CPU has AVX-512F,
+# the AVX2 version everywhere the kernel runs.
 _CANNOT = band_cpu.decode_unavailable_reason()
 pytestmark = pytest.mark.skipif(_CANNOT is not None, reason=f"decode kernel cannot run here: {_CANNOT}")
 
@@ -28,6 +29,9 @@ def _reference(q, k, v, valid, scale):
     """(b, 1, H, d) like the kernel; valid: bool (b or 1, n) or None."""
     mask = None if valid is None else valid[:, None, None, :].expand(q.shape[0], 1, 1, k.shape[2])
     return reference_attention(q, k, v, mask, scaling=scale, is_causal=False)
+
+
+ISAS = ["avx2"] + (["avx512"] if band_cpu.decode_available(64, "avx512") else [])
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -45,11 +49,18 @@ def _kernel_runs():
         (2, 4, 4, 129, 128),    # MHA, d=128 (Llama), one key past a block
         (1, 16, 1, 77, 64),     # the largest group a block holds
         (2, 12, 2, 33, 192),    # three 64-dim tiles, keys not a multiple of 16
+        (2, 8, 2, 70, 96),      # d=96: AVX2 only (not a multiple of 64)
     ],
     ids=str,
 )
 @pytest.mark.parametrize("masking", ["none", "per_sequence", "shared"])
-def test_kernel_matches_reference(b, h, h_kv, n, d, masking):
+@pytest.mark.parametrize("isa", ISAS)
+def test_kernel_matches_reference(b, h, h_kv, n, d, masking, isa):
+    if not band_cpu.decode_available(d, isa):
+        with pytest.raises(RuntimeError, match="does not run here for head dim"):
+            band_cpu.decode_attention(torch.randn(b, h, 1, d), torch.randn(b, h_kv, n, d), torch.randn(b, h_kv, n, d),
+                                      scale=1.0, isa=isa)
+        return
     g = torch.Generator().manual_seed(n + d + h)
     q = torch.randn(b, h, 1, d, generator=g)
     k, v = (torch.randn(b, h_kv, n, d, generator=g) * 2 for _ in range(2))
@@ -58,54 +69,58 @@ def test_kernel_matches_reference(b, h, h_kv, n, d, masking):
         valid = torch.rand(b if masking == "per_sequence" else 1, n, generator=g) > 0.4
         valid[:, -1] = True
     scale = 0.8 / d**0.5
-    out = band_cpu.decode_attention(q, k, v, scale=scale, key_valid=valid)
+    out = band_cpu.decode_attention(q, k, v, scale=scale, key_valid=valid, isa=isa)
     ref = _reference(q, k, v, valid, scale)
     assert out.shape == (b, 1, h, d)
     assert torch.allclose(out, ref, atol=TOL), (out - ref).abs().max()
 
 
-def test_every_group_size():
-    """G = 1..16 query heads per KV head: P @ V splits the heads into tiles of at most 6 (9 -> 5 + 4, 16 -> 6 + 5 + 5),
-    and every split is held to the reference."""
+@pytest.mark.parametrize("isa", ISAS)
+def test_every_group_size(isa):
+    """G = 1..16 query heads per KV head: P @ V splits the heads as evenly as tiles of at most 6 (AVX-512: 9 -> 5 + 4)
+    or 3 heads (AVX2: 16 -> 3 + 3 + 3 + 3 + 2 + 2) allow; every split held to the reference."""
     g = torch.Generator().manual_seed(7)
     for group in range(1, 17):
         q = torch.randn(2, 2 * group, 1, 64, generator=g)
         k, v = (torch.randn(2, 2, 150, 64, generator=g) for _ in range(2))
-        out = band_cpu.decode_attention(q, k, v, scale=0.125)
+        out = band_cpu.decode_attention(q, k, v, scale=0.125, isa=isa)
         assert torch.allclose(out, _reference(q, k, v, None, 0.125), atol=TOL), group
 
 
-def test_left_padding_hides_whole_blocks():
+@pytest.mark.parametrize("isa", ISAS)
+def test_left_padding_hides_whole_blocks(isa):
     """A sequence whose first 300 keys are padding: the online softmax starts from blocks that see nothing."""
     g = torch.Generator().manual_seed(1)
     q, (k, v) = torch.randn(2, 9, 1, 64, generator=g), (torch.randn(2, 1, 1000, 64, generator=g) for _ in range(2))
     valid = torch.ones(2, 1000, dtype=torch.bool)
     valid[0, :300] = False
     valid[1, 500:] = False  # and one whose last blocks are hidden
-    out = band_cpu.decode_attention(q, k, v, scale=0.125, key_valid=valid)
+    out = band_cpu.decode_attention(q, k, v, scale=0.125, key_valid=valid, isa=isa)
     assert torch.allclose(out, _reference(q, k, v, valid, 0.125), atol=TOL)
 
 
-def test_reads_a_static_cache_in_place():
+@pytest.mark.parametrize("isa", ISAS)
+def test_reads_a_static_cache_in_place(isa):
     """K/V as a static cache holds them: views of a longer buffer (strided over batch and head), never copied."""
     g = torch.Generator().manual_seed(2)
     buf_k, buf_v = (torch.randn(3, 2, 4, 600, 64, generator=g) for _ in range(2))
     k, v = buf_k[:, 1, :3, :450], buf_v[:, 0, 1:, :450]
     assert not k.is_contiguous() and not v.is_contiguous()
     q = torch.randn(3, 12, 64, generator=g)[:, :, None]  # (b, H, 1, d) view
-    out = band_cpu.decode_attention(q, k, v, scale=0.125)
+    out = band_cpu.decode_attention(q, k, v, scale=0.125, isa=isa)
     assert torch.allclose(out, _reference(q, k.contiguous(), v.contiguous(), None, 0.125), atol=TOL)
 
 
-def test_threads_split_the_work_without_changing_a_bit():
+@pytest.mark.parametrize("isa", ISAS)
+def test_threads_split_the_work_without_changing_a_bit(isa):
     g = torch.Generator().manual_seed(3)
     q, k, v = torch.randn(4, 6, 1, 64, generator=g), torch.randn(4, 2, 500, 64, generator=g), torch.randn(4, 2, 500, 64, generator=g)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = band_cpu.decode_attention(q, k, v, scale=0.125)
+        one = band_cpu.decode_attention(q, k, v, scale=0.125, isa=isa)
         torch.set_num_threads(2)
-        two = band_cpu.decode_attention(q, k, v, scale=0.125)
+        two = band_cpu.decode_attention(q, k, v, scale=0.125, isa=isa)
     finally:
         torch.set_num_threads(before)
     assert torch.equal(one, two)
@@ -113,8 +128,10 @@ def test_threads_split_the_work_without_changing_a_bit():
 
 def test_bad_layout_is_a_clear_error():
     q, k = torch.randn(1, 4, 1, 64), torch.randn(1, 2, 10, 64)
-    with pytest.raises(ValueError, match="d a multiple of 64"):
-        band_cpu.decode_attention(q[..., :32], k[..., :32], k[..., :32], scale=1.0)
+    with pytest.raises(ValueError, match="d a multiple of 32"):
+        band_cpu.decode_attention(q[..., :16], k[..., :16], k[..., :16], scale=1.0)
+    with pytest.raises(ValueError, match="isa must be one of"):
+        band_cpu.decode_attention(q, k, k, scale=1.0, isa="sse")
     with pytest.raises(ValueError, match=r"query \(b, H, 1, d\)"):
         band_cpu.decode_attention(torch.randn(1, 4, 2, 64), k, k, scale=1.0)  # two queries: not a decode step
     with pytest.raises(ValueError, match="H / H_kv <= 16"):

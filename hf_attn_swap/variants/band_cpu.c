@@ -239,10 +239,11 @@ int band_attention_f32(const float *q, const float *k, const float *v, float *ou
  * roofline). Here the keys stream through once, in blocks of DB with an online softmax across blocks, so K and V are
  * each read once, in order, and the scores never leave L1.
  *
- * AVX-512 only, dims along the 16 lanes: fp32 decode attention does 2 G D FLOPs per key for 4 D bytes of K and V,
- * so at G = 9 (SmolLM2's MQA) the arithmetic takes about as long as the memory read, and an 8-lane AVX2 version
- * (queries along the lanes, as in the band kernel) measured slower than SDPA. A score is D / 16 FMAs plus a share of
- * a transposing sum over 16 keys; P @ V is G D / 16 FMAs per key; neither wastes lanes when G is small (GQA: 1-4).
+ * Dims run along the lanes (16 with AVX-512, 8 with AVX2): fp32 decode attention does 2 G D FLOPs per key for 4 D
+ * bytes of K and V, so at G = 9 (SmolLM2's MQA) the arithmetic takes about as long as the memory read, and a first
+ * version with the queries along the lanes (as in the band kernel) measured slower than SDPA. A score is D / 16 (or
+ * D / 8) FMAs plus a share of a transposing sum over 16 (8) keys; P @ V is G D / 16 (8) FMAs per key, in tiles of
+ * exactly the heads there are; neither wastes lanes when G is small (GQA: 1-4).
  *   QS (G x D)     the group's queries, scaled by scale * log2(e) (so exp2 gives the softmax);
  *   S  (GMAX x DB) one block's scores, then probabilities: one row per query head, keys along the row;
  *   O  (G x D)     the running, unnormalised outputs, rescaled when a block raises a head's running max.
@@ -250,6 +251,22 @@ int band_attention_f32(const float *q, const float *k, const float *v, float *ou
  * A query that sees no key gets zeros (as from torch's SDPA). */
 #define DB 128
 #define GMAX 16
+
+/* Ask for memory ahead of use, into L2: a tile's V rows (P @ V reads them after the block's scores) and the next
+ * block's K rows. Without it the reads and the arithmetic took turns instead of overlapping (measured: the time per
+ * key out of cache was about the in-cache time plus the read's; with it GQA-3 runs at about a plain read's rate).
+ * A macro, not a function: gcc 12's pure-const analysis finds no side effect in a function made only of prefetches
+ * and deletes its calls (not one prefetch instruction was left). */
+#define PREFETCH_ROWS(k, k_sn, v, v_sn, j0, c0, nc, N, D)                                                            \
+    for (int64_t pi = 0; pi < (nc); pi++) {                                                                           \
+        const char *vrow = (const char *)((v) + ((j0) + (c0) + pi) * (v_sn));                                         \
+        for (int64_t off = 0; off < (D) * 4; off += 64) _mm_prefetch(vrow + off, _MM_HINT_T1);                        \
+        if ((j0) + DB + (c0) + pi < (N)) {                                                                            \
+            const char *krow = (const char *)((k) + ((j0) + DB + (c0) + pi) * (k_sn));                                \
+            for (int64_t off = 0; off < (D) * 4; off += 64) _mm_prefetch(krow + off, _MM_HINT_T1);                    \
+        }                                                                                                             \
+    }
+
 #define T512 __attribute__((target("avx512f")))
 
 T512 static inline __m512 exp2_ps512(__m512 x) {
@@ -368,17 +385,7 @@ T512 static void decode_group512(const float *q, int64_t q_sh, const float *k, i
             const int64_t nc = min64(16, nb - c0);
             const float *kr[16];
             for (int i = 0; i < 16; i++) kr[i] = k + (j0 + c0 + (i < nc ? i : 0)) * k_sn;
-            /* Ask for memory ahead of use: this tile's V rows (P @ V reads them after the block's scores) and the
-             * next block's K rows, into L2. Without it the reads and the arithmetic take turns instead of
-             * overlapping (measured: the time per key out of cache was about in-cache time + the read's). */
-            for (int64_t i = 0; i < nc; i++) {
-                const char *vrow = (const char *)(v + (j0 + c0 + i) * v_sn);
-                for (int64_t off = 0; off < D * 4; off += 64) _mm_prefetch(vrow + off, _MM_HINT_T1);
-                if (j0 + DB + c0 + i < N) {
-                    const char *krow = (const char *)(k + (j0 + DB + c0 + i) * k_sn);
-                    for (int64_t off = 0; off < D * 4; off += 64) _mm_prefetch(krow + off, _MM_HINT_T1);
-                }
-            }
+            PREFETCH_ROWS(k, k_sn, v, v_sn, j0, c0, nc, N, D)
             __mmask16 live = (__mmask16)((1u << nc) - 1u);
             if (valid)
                 for (int i = 0; i < nc; i++)
@@ -421,20 +428,144 @@ T512 static void decode_group512(const float *q, int64_t q_sh, const float *k, i
     }
 }
 
+/* The same step on AVX2 (CPUs without AVX-512, or D a multiple of 32 but not of 64): dims along 8 lanes, scores
+ * for 8 keys at a time summed across lanes by a transposing hadd tree, P @ V in tiles of up to 3 heads x 32 dims
+ * (12 named accumulators of 16 registers). */
+static inline __m256 transpose_sum8(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m256 a4, __m256 a5, __m256 a6,
+                                    __m256 a7) {
+    /* hadd pairs within each 128-bit half; after two levels each half holds 4 inputs' partial sums, in order */
+    const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a4, a5), _mm256_hadd_ps(a6, a7));
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+static inline __m256 scores8(const float *qg, const float *const kr[8], int64_t D) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+    for (int64_t c = 0; c < D; c += 8) {
+        const __m256 qc = _mm256_loadu_ps(qg + c);
+        a0 = _mm256_fmadd_ps(qc, _mm256_loadu_ps(kr[0] + c), a0);
+        a1 = _mm256_fmadd_ps(qc, _mm256_loadu_ps(kr[1] + c), a1);
+        a2 = _mm256_fmadd_ps(qc, _mm256_loadu_ps(kr[2] + c), a2);
+        a3 = _mm256_fmadd_ps(qc, _mm256_loadu_ps(kr[3] + c), a3);
+        a4 = _mm256_fmadd_ps(qc, _mm256_loadu_ps(kr[4] + c), a4);
+        a5 = _mm256_fmadd_ps(qc, _mm256_loadu_ps(kr[5] + c), a5);
+        a6 = _mm256_fmadd_ps(qc, _mm256_loadu_ps(kr[6] + c), a6);
+        a7 = _mm256_fmadd_ps(qc, _mm256_loadu_ps(kr[7] + c), a7);
+    }
+    return transpose_sum8(a0, a1, a2, a3, a4, a5, a6, a7);
+}
+
+#define PV8_DECL(i) __m256 c##i##0 = _mm256_setzero_ps(), c##i##1 = c##i##0, c##i##2 = c##i##0, c##i##3 = c##i##0;
+#define PV8_FMA(i)                                                                                                    \
+    {                                                                                                                 \
+        const __m256 pc = _mm256_broadcast_ss(p + (i) * DB + c);                                                      \
+        c##i##0 = _mm256_fmadd_ps(pc, v0, c##i##0);                                                                   \
+        c##i##1 = _mm256_fmadd_ps(pc, v1, c##i##1);                                                                   \
+        c##i##2 = _mm256_fmadd_ps(pc, v2, c##i##2);                                                                   \
+        c##i##3 = _mm256_fmadd_ps(pc, v3, c##i##3);                                                                   \
+    }
+#define PV8_STORE(i)                                                                                                  \
+    {                                                                                                                 \
+        float *o = og + (i) * D;                                                                                      \
+        const __m256 a = _mm256_set1_ps(alpha[i]);                                                                    \
+        _mm256_storeu_ps(o, _mm256_fmadd_ps(_mm256_loadu_ps(o), a, c##i##0));                                         \
+        _mm256_storeu_ps(o + 8, _mm256_fmadd_ps(_mm256_loadu_ps(o + 8), a, c##i##1));                                 \
+        _mm256_storeu_ps(o + 16, _mm256_fmadd_ps(_mm256_loadu_ps(o + 16), a, c##i##2));                               \
+        _mm256_storeu_ps(o + 24, _mm256_fmadd_ps(_mm256_loadu_ps(o + 24), a, c##i##3));                               \
+    }
+#define PV8_TILE(n, ROWS)                                                                                             \
+    static void pv8_tile##n(const float *p, const float *vr, int64_t v_sn, int64_t nb, float *og, int64_t D,          \
+                            const float *alpha) {                                                                     \
+        ROWS(PV8_DECL)                                                                                                \
+        for (int64_t c = 0; c < nb; c++, vr += v_sn) {                                                                \
+            const __m256 v0 = _mm256_loadu_ps(vr), v1 = _mm256_loadu_ps(vr + 8);                                      \
+            const __m256 v2 = _mm256_loadu_ps(vr + 16), v3 = _mm256_loadu_ps(vr + 24);                                \
+            ROWS(PV8_FMA)                                                                                             \
+        }                                                                                                             \
+        ROWS(PV8_STORE)                                                                                               \
+    }
+PV8_TILE(1, ROWS1)
+PV8_TILE(2, ROWS2)
+PV8_TILE(3, ROWS3)
+static const pv_tile_fn pv8_tiles[4] = {NULL, pv8_tile1, pv8_tile2, pv8_tile3};
+
+static void decode_group256(const float *q, int64_t q_sh, const float *k, int64_t k_sn, const float *v, int64_t v_sn,
+                            float *o, int64_t o_sh, const uint8_t *valid, int64_t G, int64_t N, int64_t D,
+                            float qscale, float *QS, float *S, float *O) {
+    const float ninf = -INFINITY;
+    for (int64_t g = 0; g < G; g++)
+        for (int64_t d = 0; d < D; d++) QS[g * D + d] = q[g * q_sh + d] * qscale;
+    for (int64_t i = 0; i < G * D; i++) O[i] = 0.0f;
+    float m[GMAX], l[GMAX], alpha[GMAX];
+    for (int64_t g = 0; g < GMAX; g++) m[g] = ninf, l[g] = 0.0f;
+    for (int64_t j0 = 0; j0 < N; j0 += DB) {
+        const int64_t nb = min64(DB, N - j0);
+        for (int64_t c0 = 0; c0 < nb; c0 += 8) {
+            const int64_t nc = min64(8, nb - c0);
+            const float *kr[8];
+            for (int i = 0; i < 8; i++) kr[i] = k + (j0 + c0 + (i < nc ? i : 0)) * k_sn;
+            PREFETCH_ROWS(k, k_sn, v, v_sn, j0, c0, nc, N, D)
+            for (int64_t g = 0; g < G; g++) {
+                float *sg = S + g * DB + c0;
+                _mm256_storeu_ps(sg, scores8(QS + g * D, kr, D));
+                for (int64_t i = 0; i < 8; i++)
+                    if (i >= nc || (valid && !valid[j0 + c0 + i])) sg[i] = ninf;
+            }
+        }
+        const int64_t nv = (nb + 7) / 8;
+        for (int64_t g = 0; g < G; g++) {
+            float *sg = S + g * DB;
+            __m256 mx = _mm256_set1_ps(ninf);
+            for (int64_t t = 0; t < nv; t++) mx = _mm256_max_ps(mx, _mm256_loadu_ps(sg + 8 * t));
+            float lanes[8], bm = ninf;
+            _mm256_storeu_ps(lanes, mx);
+            for (int i = 0; i < 8; i++) bm = fmaxf(bm, lanes[i]);
+            const float mn = fmaxf(m[g], bm);
+            const __m256 shift = _mm256_set1_ps(mn == ninf ? 0.0f : mn);
+            __m256 sum = _mm256_setzero_ps();
+            for (int64_t t = 0; t < nv; t++) {
+                const __m256 e = exp2_ps(_mm256_sub_ps(_mm256_loadu_ps(sg + 8 * t), shift));
+                _mm256_storeu_ps(sg + 8 * t, e);
+                sum = _mm256_add_ps(sum, e);
+            }
+            _mm256_storeu_ps(lanes, sum);
+            float bs = 0.0f;
+            for (int i = 0; i < 8; i++) bs += lanes[i];
+            alpha[g] = m[g] == ninf ? 0.0f : exp2f(m[g] - mn);
+            l[g] = l[g] * alpha[g] + bs;
+            m[g] = mn;
+        }
+        const int64_t tiles = (G + 2) / 3;
+        for (int64_t dc = 0; dc < D; dc += 32)
+            for (int64_t t = 0, g0 = 0; t < tiles; t++) {
+                const int64_t ng = (G - g0) / (tiles - t) + ((G - g0) % (tiles - t) != 0);
+                pv8_tiles[ng](S + g0 * DB, v + j0 * v_sn + dc, v_sn, nb, O + g0 * D + dc, D, alpha + g0);
+                g0 += ng;
+            }
+    }
+    for (int64_t g = 0; g < G; g++) {
+        const float inv = l[g] > 0.0f ? 1.0f / l[g] : 0.0f;
+        for (int64_t d = 0; d < D; d++) o[g * o_sh + d] = O[g * D + d] * inv;
+    }
+}
+
 /* Whether this CPU (and its OS) runs AVX-512F and the step's D suits the 64-dim tiles. */
 static int decode_avx512_ok(int64_t D) { return D % 64 == 0 && __builtin_cpu_supports("avx512f"); }
 
-/* Whether decode_attention_f32 runs here for head dim D: AVX-512F on this CPU and its OS, D a multiple of 64. */
-int decode_attention_supported(int64_t D) { return decode_avx512_ok(D); }
+/* Which version decode_attention_f32 runs here for head dim D: 2 AVX-512 (the CPU and its OS have AVX-512F, D a
+ * multiple of 64), 1 AVX2 (D a multiple of 32; the library is only loaded where AVX2 and FMA run), 0 none. */
+int decode_attention_supported(int64_t D) { return decode_avx512_ok(D) ? 2 : D % 32 == 0 ? 1 : 0; }
 
 /* q (B, H, D) and out (B, H, D): element strides for batch and head; k/v (B, Hkv, N, D): strides for batch, head and
- * key; the last dimension of each contiguous. Returns 0, -1 when the shapes or this CPU are not supported, -2 when
- * out of memory. */
+ * key; the last dimension of each contiguous. isa: 0 the best this CPU runs, 1 AVX2, 2 AVX-512 (tests hold both to
+ * the reference). Returns 0, -1 when the shapes or this CPU are not supported, -2 when out of memory. */
 int decode_attention_f32(const float *q, const float *k, const float *v, float *out, int64_t B, int64_t H,
                          int64_t Hkv, int64_t N, int64_t D, int64_t q_sb, int64_t q_sh, int64_t k_sb, int64_t k_sh,
                          int64_t k_sn, int64_t v_sb, int64_t v_sh, int64_t v_sn, int64_t o_sb, int64_t o_sh,
-                         const uint8_t *valid, int64_t valid_sb, float scale, int nthreads) {
-    if (!decode_avx512_ok(D) || Hkv < 1 || H % Hkv || H / Hkv > GMAX || N < 1) return -1;
+                         const uint8_t *valid, int64_t valid_sb, float scale, int isa, int nthreads) {
+    const int best = decode_attention_supported(D);
+    if (isa == 0) isa = best;
+    if (isa < 1 || isa > best || Hkv < 1 || H % Hkv || H / Hkv > GMAX || N < 1) return -1;
     const int64_t G = H / Hkv, items = B * Hkv;
     const float qscale = scale * 1.4426950408889634f;
     int failed = 0;
@@ -451,7 +582,7 @@ int decode_attention_f32(const float *q, const float *k, const float *v, float *
         for (int64_t it = 0; it < items; it++) {
             if (!QS || !S || !O) continue;
             const int64_t b = it / Hkv, hk = it % Hkv;
-            decode_group512(
+            (isa == 2 ? decode_group512 : decode_group256)(
                 q + b * q_sb + hk * G * q_sh, q_sh, k + b * k_sb + hk * k_sh, k_sn, v + b * v_sb + hk * v_sh, v_sn,
                 out + b * o_sb + hk * G * o_sh, o_sh, valid ? valid + b * valid_sb : NULL, G, N, D, qscale, QS, S, O);
         }

@@ -1,8 +1,9 @@
 """The CPU attention kernels (``band_cpu.c``): built on first use, called through ctypes.
 
 Two kernels share the library and its build: the band kernel (below) and the decode kernel
-(:func:`decode_attention`: one new token per sequence against a long K/V cache, streaming K and V once; AVX-512
-only, where SDPA reads them at about half the memory's rate; see the C file for the layout).
+(:func:`decode_attention`: one new token per sequence against a long K/V cache, streaming K and V once, where SDPA
+reads them at about half the memory's rate; AVX-512 where the CPU has it, else AVX2; see the C file for the
+layout).
 
 Inference-only fast path of sliding-window attention on x86-64 CPUs with AVX2/FMA in fp32 (see the C file for why
 torch's SDPA cannot do this work). It is compiled once per source version with the system C compiler
@@ -268,7 +269,7 @@ def _library() -> ctypes.CDLL | None:
     fn = lib.decode_attention_f32
     fn.restype = ctypes.c_int
     fn.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_int64] * 15
-                   + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int])
+                   + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_int])
     lib.decode_attention_supported.restype = ctypes.c_int
     lib.decode_attention_supported.argtypes = [ctypes.c_int64]
     return lib
@@ -370,24 +371,28 @@ DECODE_MAX_GROUP = 16  # query heads per KV head one block of the decode kernel 
 
 
 def decode_unavailable_reason() -> str | None:
-    """Why the decode kernel cannot run on this machine (the band kernel's reasons, or no AVX-512F), or None."""
-    reason = unavailable_reason()
-    if reason is None and "avx512f" not in (_cpu_flags() or set()):
-        reason = "the decode kernel needs AVX-512F, this CPU lacks it (decode steps take torch's SDPA)"
-    return reason
+    """Why the decode kernel cannot run on this machine (the band kernel's: not x86-64, no AVX2/FMA, no compiler), or
+    None."""
+    return unavailable_reason()
+
+
+DECODE_ISAS = {"auto": 0, "avx2": 1, "avx512": 2}
 
 
 @functools.lru_cache(maxsize=None)
-def decode_available(head_dim: int) -> bool:
-    """Whether the decode kernel runs here for this head dim: the library builds, the CPU (and OS) run AVX-512F,
-    and ``head_dim`` is a multiple of 64. Elsewhere decode steps take torch's SDPA, which computes the same."""
+def decode_available(head_dim: int, isa: str = "auto") -> bool:
+    """Whether the decode kernel runs here for this head dim: the library builds (x86-64 with AVX2/FMA) and
+    ``head_dim`` is a multiple of 32 (AVX2) or, for ``isa="avx512"``, of 64 on a CPU and OS with AVX-512F (which
+    ``"auto"`` prefers). Elsewhere decode steps take torch's SDPA, which computes the same."""
     lib = _library()
-    return lib is not None and bool(lib.decode_attention_supported(head_dim))
+    best = lib.decode_attention_supported(head_dim) if lib is not None else 0
+    return best >= max(DECODE_ISAS[isa], 1)
 
 
 def decode_usable(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
     """Whether :func:`decode_attention` can take these tensors: one query per sequence, CPU fp32, at most 16 query
-    heads per KV head, last dimensions contiguous, no autograd, and :func:`decode_available` for the head dim."""
+    heads per KV head, last dimensions contiguous, no autograd, and :func:`decode_available` for the head dim (the
+    AVX-512 version where the CPU has it, else AVX2: both faster than SDPA here, results/decode_kernel.md)."""
     return (
         query.dim() == 4 and query.shape[2] == 1 and key.shape[2] >= 1
         and query.shape[1] % key.shape[1] == 0 and query.shape[1] // key.shape[1] <= DECODE_MAX_GROUP
@@ -398,7 +403,7 @@ def decode_usable(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -
 
 def decode_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, scale: float,
-    key_valid: torch.Tensor | None = None,
+    key_valid: torch.Tensor | None = None, isa: str = "auto",
 ) -> torch.Tensor:
     """One decode step of softmax attention: each sequence's query ``(b, H, 1, d)`` attends to the keys of
     ``key``/``value`` (``(b, H_kv, n, d)``) that ``key_valid`` (bool ``(b or 1, n)``, None: all) allows; the
@@ -406,29 +411,32 @@ def decode_attention(
 
     Returns:
         ``(b, 1, H, d)``, the layout transformers' attention functions return. A sequence that sees no key gets
-        zeros. Call only when :func:`decode_usable` is True.
+        zeros. ``isa``: ``"auto"`` (AVX-512 where it runs, else AVX2), ``"avx2"`` or ``"avx512"`` (tests hold each to
+        the reference).
     """
+    if isa not in DECODE_ISAS:
+        raise ValueError(f"decode_attention: isa must be one of {sorted(DECODE_ISAS)}, got {isa!r}")
     b, h, m, d = query.shape
     h_kv, n = key.shape[1], key.shape[2]
     if not (m == 1 and key.shape[0] == b and key.shape[-1] == d and value.shape == key.shape and h % h_kv == 0
-            and h // h_kv <= DECODE_MAX_GROUP and d % 64 == 0
+            and h // h_kv <= DECODE_MAX_GROUP and d % 32 == 0
             and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.stride(-1) == 1
                     for t in (query, key, value))):
         raise ValueError("decode_attention: query (b, H, 1, d), key and value (b, H_kv, n, d), CPU float32 with a "
-                         f"contiguous last dimension, d a multiple of 64, H / H_kv <= {DECODE_MAX_GROUP}; got "
+                         f"contiguous last dimension, d a multiple of 32, H / H_kv <= {DECODE_MAX_GROUP}; got "
                          f"q{tuple(query.shape)} k{tuple(key.shape)} v{tuple(value.shape)} {query.dtype}")
     if key_valid is not None and (key_valid.dtype != torch.bool or key_valid.dim() != 2
                                   or key_valid.shape[0] not in (1, b) or key_valid.shape[1] != n):
         raise ValueError(f"decode_attention: key_valid must be bool (b or 1, n) = ({b} or 1, {n}), got "
                          f"{key_valid.dtype} {tuple(key_valid.shape)}")
-    if not decode_available(d):
-        raise RuntimeError(f"the decode kernel does not run here (it needs the kernel library and AVX-512F; see "
+    if not decode_available(d, isa):
+        raise RuntimeError(f"the decode kernel's {isa} version does not run here for head dim {d} (see "
                            f"band_cpu.decode_available()); {ENV}={os.environ.get(ENV)!r}")
-    return decode_attention_unchecked(query, key, value, scale, key_valid)
+    return decode_attention_unchecked(query, key, value, scale, key_valid, isa=DECODE_ISAS[isa])
 
 
 def decode_attention_unchecked(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
-                               key_valid: torch.Tensor | None) -> torch.Tensor:
+                               key_valid: torch.Tensor | None, isa: int = 0) -> torch.Tensor:
     """:func:`decode_attention` without its checks, for callers that have just asked :func:`decode_usable` (a decode
     step calls this once per layer, where the checks would cost about as much as the kernel at short contexts)."""
     b, h, _, d = query.shape
@@ -442,7 +450,7 @@ def decode_attention_unchecked(query: torch.Tensor, key: torch.Tensor, value: to
     out = query.new_empty(b, 1, h, d)
     args = (query.data_ptr(), key.data_ptr(), value.data_ptr(), out.data_ptr(), b, h, h_kv, n, d,
             query.stride(0), query.stride(1), *key.stride()[:3], *value.stride()[:3], out.stride(0), out.stride(2),
-            valid_ptr, valid_sb, float(scale), torch.get_num_threads())
+            valid_ptr, valid_sb, float(scale), isa, torch.get_num_threads())
     if _profiling():  # named for torch.profiler (eval/step_profile.py counts it as attention): ctypes is no operator
         with torch.profiler.record_function(PROFILE_NAME):
             rc = _library().decode_attention_f32(*args)

@@ -3,9 +3,9 @@
 ``swap_attention(model, "gqa", groups=G, strategy="mean")`` leaves ``G`` KV heads (``"mqa"`` is ``G = 1``). The
 attention function reads each KV head once for all of its query heads: at decode the group is folded into the query
 length (one ``(G*q, kv)`` problem per KV head); in prefill SDPA's ``enable_gqa`` is used. Neither copies K/V, so the
-smaller cache also means fewer bytes read per decoded token, which is where GQA's speed-up lives. On CPUs with
-AVX-512, a one-token decode step in fp32 inference takes the streaming decode kernel of :mod:`.band_cpu` instead,
-which reads K and V at about the rate memory allows (SDPA reads them at about half of it).
+smaller cache also means fewer bytes read per decoded token, which is where GQA's speed-up lives. On x86-64 CPUs
+(AVX-512, else AVX2) a one-token decode step in fp32 inference takes the streaming decode kernel of
+:mod:`.band_cpu` instead, which reads K and V at about the rate memory allows (SDPA reads them at about 60% of it).
 """
 
 from __future__ import annotations
