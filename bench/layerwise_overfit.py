@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import time
 from pathlib import Path
@@ -177,12 +176,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="results/layerwise_overfit")
     args = p.parse_args(argv)
     res = measure(args)
+    from hf_attn_swap.eval.report import write_generated
+
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    js = out.with_suffix(".json")
-    js.write_text(json.dumps(res, indent=2) + "\n")
-    body = markdown(res).strip("\n")  # as python -m hf_attn_swap.readme renders it
-    out.with_suffix(".md").write_text(f"<!-- generated: {js.name} {RENDERER} -->\n{body}\n<!-- end generated -->\n")
+    write_generated(res, out, RENDERER, markdown)
     plot(res, out.with_suffix(".png"))
     return 0
 

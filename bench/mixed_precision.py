@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -159,13 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-run-time", type=float, default=5.0, help="seconds of repeats per timing")
     p.add_argument("--out", default="results/mixed_precision")
     args = p.parse_args(argv)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    res = measure(args)
-    js = out.with_suffix(".json")
-    js.write_text(json.dumps(res, indent=2) + "\n")
-    body = markdown(res).strip("\n")  # as python -m hf_attn_swap.readme renders it
-    out.with_suffix(".md").write_text(f"<!-- generated: {js.name} {RENDERER} -->\n{body}\n<!-- end generated -->\n")
+    from hf_attn_swap.eval.report import write_generated
+
+    write_generated(measure(args), args.out, RENDERER, markdown)
     return 0
 
 

@@ -287,6 +287,18 @@ def provenance_lines(prov: dict[str, Any] | None) -> list[str]:
     return lines + [""]
 
 
+def write_generated(data: dict[str, Any], stem: str | Path, renderer: str, markdown: Any) -> tuple[Path, Path]:
+    """Write ``<stem>.json`` (``data``) and ``<stem>.md`` (``markdown(data)``, marked as generated from that JSON by
+    ``renderer``, so ``python -m hf_attn_swap.readme --check`` re-renders it exactly); returns both paths."""
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    js, md = stem.with_suffix(".json"), stem.with_suffix(".md")
+    js.write_text(json.dumps(data, indent=2) + "\n")
+    body = markdown(data).strip("\n")  # as python -m hf_attn_swap.readme renders it
+    md.write_text(f"<!-- generated: {js.name} {renderer} -->\n{body}\n<!-- end generated -->\n")
+    return js, md
+
+
 def write_reports(records: list[dict[str, Any]], meta: dict[str, Any], out: str | Path, *, plot: bool = True) -> dict[str, Path]:
     """Write every output into ``out`` (created); returns ``{kind: path}``."""
     out = Path(out)

@@ -323,34 +323,34 @@ T512 static inline __m512 scores16(const float *qg, const float *const kr[16], i
 }
 #undef KEY16
 
-/* P @ V for n heads (rows p, p + DB, ...) and 64 dims of V (rows vr, vr + v_sn, ...) over nb keys, added to the
- * outputs og, og + D, ... after scaling them by alpha[i]: one function per n (1-6), each with 4n named accumulators
- * (an array would be spilled to the stack on every key). */
-#define PV_DECL(i) __m512 c##i##0 = _mm512_setzero_ps(), c##i##1 = c##i##0, c##i##2 = c##i##0, c##i##3 = c##i##0;
+/* P @ V for n heads (rows p, p + DB, ...) and 4 vectors of dims of V (rows vr, vr + v_sn, ...) over nb keys, added
+ * to the outputs og, og + D, ... after scaling them by alpha[i]: one function per n, each with 4n named accumulators
+ * (an array would be spilled to the stack on every key). Written once over the vector ops VEC / VZERO / VSET1 / VFMA
+ * / VLD / VST of width W, and instantiated for AVX-512 here and AVX2 below. */
+#define PV_DECL(i) VEC c##i##0 = VZERO(), c##i##1 = c##i##0, c##i##2 = c##i##0, c##i##3 = c##i##0;
 #define PV_FMA(i)                                                                                                     \
     {                                                                                                                 \
-        const __m512 pc = _mm512_set1_ps(p[(i) * DB + c]);                                                            \
-        c##i##0 = _mm512_fmadd_ps(pc, v0, c##i##0);                                                                   \
-        c##i##1 = _mm512_fmadd_ps(pc, v1, c##i##1);                                                                   \
-        c##i##2 = _mm512_fmadd_ps(pc, v2, c##i##2);                                                                   \
-        c##i##3 = _mm512_fmadd_ps(pc, v3, c##i##3);                                                                   \
+        const VEC pc = VSET1(p[(i) * DB + c]);                                                                        \
+        c##i##0 = VFMA(pc, v0, c##i##0);                                                                              \
+        c##i##1 = VFMA(pc, v1, c##i##1);                                                                              \
+        c##i##2 = VFMA(pc, v2, c##i##2);                                                                              \
+        c##i##3 = VFMA(pc, v3, c##i##3);                                                                              \
     }
 #define PV_STORE(i)                                                                                                   \
     {                                                                                                                 \
         float *o = og + (i) * D;                                                                                      \
-        const __m512 a = _mm512_set1_ps(alpha[i]);                                                                    \
-        _mm512_storeu_ps(o, _mm512_fmadd_ps(_mm512_loadu_ps(o), a, c##i##0));                                         \
-        _mm512_storeu_ps(o + 16, _mm512_fmadd_ps(_mm512_loadu_ps(o + 16), a, c##i##1));                               \
-        _mm512_storeu_ps(o + 32, _mm512_fmadd_ps(_mm512_loadu_ps(o + 32), a, c##i##2));                               \
-        _mm512_storeu_ps(o + 48, _mm512_fmadd_ps(_mm512_loadu_ps(o + 48), a, c##i##3));                               \
+        const VEC a = VSET1(alpha[i]);                                                                                \
+        VST(o, VFMA(VLD(o), a, c##i##0));                                                                             \
+        VST(o + W, VFMA(VLD(o + W), a, c##i##1));                                                                     \
+        VST(o + 2 * W, VFMA(VLD(o + 2 * W), a, c##i##2));                                                             \
+        VST(o + 3 * W, VFMA(VLD(o + 3 * W), a, c##i##3));                                                             \
     }
-#define PV_TILE(n, ROWS)                                                                                              \
-    T512 static void pv_tile##n(const float *p, const float *vr, int64_t v_sn, int64_t nb, float *og, int64_t D,      \
-                                const float *alpha) {                                                                 \
+#define PV_TILE(name, ATTR, ROWS)                                                                                     \
+    ATTR static void name(const float *p, const float *vr, int64_t v_sn, int64_t nb, float *og, int64_t D,            \
+                          const float *alpha) {                                                                       \
         ROWS(PV_DECL)                                                                                                 \
         for (int64_t c = 0; c < nb; c++, vr += v_sn) {                                                                \
-            const __m512 v0 = _mm512_loadu_ps(vr), v1 = _mm512_loadu_ps(vr + 16);                                     \
-            const __m512 v2 = _mm512_loadu_ps(vr + 32), v3 = _mm512_loadu_ps(vr + 48);                                \
+            const VEC v0 = VLD(vr), v1 = VLD(vr + W), v2 = VLD(vr + 2 * W), v3 = VLD(vr + 3 * W);                     \
             ROWS(PV_FMA)                                                                                              \
         }                                                                                                             \
         ROWS(PV_STORE)                                                                                                \
@@ -361,12 +361,26 @@ T512 static inline __m512 scores16(const float *qg, const float *const kr[16], i
 #define ROWS4(X) ROWS3(X) X(3)
 #define ROWS5(X) ROWS4(X) X(4)
 #define ROWS6(X) ROWS5(X) X(5)
-PV_TILE(1, ROWS1)
-PV_TILE(2, ROWS2)
-PV_TILE(3, ROWS3)
-PV_TILE(4, ROWS4)
-PV_TILE(5, ROWS5)
-PV_TILE(6, ROWS6)
+#define VEC __m512
+#define VZERO _mm512_setzero_ps
+#define VSET1 _mm512_set1_ps
+#define VFMA _mm512_fmadd_ps
+#define VLD _mm512_loadu_ps
+#define VST _mm512_storeu_ps
+#define W 16
+PV_TILE(pv_tile1, T512, ROWS1)
+PV_TILE(pv_tile2, T512, ROWS2)
+PV_TILE(pv_tile3, T512, ROWS3)
+PV_TILE(pv_tile4, T512, ROWS4)
+PV_TILE(pv_tile5, T512, ROWS5)
+PV_TILE(pv_tile6, T512, ROWS6)
+#undef VEC
+#undef VZERO
+#undef VSET1
+#undef VFMA
+#undef VLD
+#undef VST
+#undef W
 typedef void (*pv_tile_fn)(const float *, const float *, int64_t, int64_t, float *, int64_t, const float *);
 static const pv_tile_fn pv_tiles[7] = {NULL, pv_tile1, pv_tile2, pv_tile3, pv_tile4, pv_tile5, pv_tile6};
 
@@ -455,38 +469,24 @@ static inline __m256 scores8(const float *qg, const float *const kr[8], int64_t 
     return transpose_sum8(a0, a1, a2, a3, a4, a5, a6, a7);
 }
 
-#define PV8_DECL(i) __m256 c##i##0 = _mm256_setzero_ps(), c##i##1 = c##i##0, c##i##2 = c##i##0, c##i##3 = c##i##0;
-#define PV8_FMA(i)                                                                                                    \
-    {                                                                                                                 \
-        const __m256 pc = _mm256_broadcast_ss(p + (i) * DB + c);                                                      \
-        c##i##0 = _mm256_fmadd_ps(pc, v0, c##i##0);                                                                   \
-        c##i##1 = _mm256_fmadd_ps(pc, v1, c##i##1);                                                                   \
-        c##i##2 = _mm256_fmadd_ps(pc, v2, c##i##2);                                                                   \
-        c##i##3 = _mm256_fmadd_ps(pc, v3, c##i##3);                                                                   \
-    }
-#define PV8_STORE(i)                                                                                                  \
-    {                                                                                                                 \
-        float *o = og + (i) * D;                                                                                      \
-        const __m256 a = _mm256_set1_ps(alpha[i]);                                                                    \
-        _mm256_storeu_ps(o, _mm256_fmadd_ps(_mm256_loadu_ps(o), a, c##i##0));                                         \
-        _mm256_storeu_ps(o + 8, _mm256_fmadd_ps(_mm256_loadu_ps(o + 8), a, c##i##1));                                 \
-        _mm256_storeu_ps(o + 16, _mm256_fmadd_ps(_mm256_loadu_ps(o + 16), a, c##i##2));                               \
-        _mm256_storeu_ps(o + 24, _mm256_fmadd_ps(_mm256_loadu_ps(o + 24), a, c##i##3));                               \
-    }
-#define PV8_TILE(n, ROWS)                                                                                             \
-    static void pv8_tile##n(const float *p, const float *vr, int64_t v_sn, int64_t nb, float *og, int64_t D,          \
-                            const float *alpha) {                                                                     \
-        ROWS(PV8_DECL)                                                                                                \
-        for (int64_t c = 0; c < nb; c++, vr += v_sn) {                                                                \
-            const __m256 v0 = _mm256_loadu_ps(vr), v1 = _mm256_loadu_ps(vr + 8);                                      \
-            const __m256 v2 = _mm256_loadu_ps(vr + 16), v3 = _mm256_loadu_ps(vr + 24);                                \
-            ROWS(PV8_FMA)                                                                                             \
-        }                                                                                                             \
-        ROWS(PV8_STORE)                                                                                               \
-    }
-PV8_TILE(1, ROWS1)
-PV8_TILE(2, ROWS2)
-PV8_TILE(3, ROWS3)
+/* P @ V tiles of up to 3 heads x 32 dims (12 accumulators of 16 registers): PV_TILE above on AVX2's vector ops. */
+#define VEC __m256
+#define VZERO _mm256_setzero_ps
+#define VSET1 _mm256_set1_ps
+#define VFMA _mm256_fmadd_ps
+#define VLD _mm256_loadu_ps
+#define VST _mm256_storeu_ps
+#define W 8
+PV_TILE(pv8_tile1, , ROWS1)
+PV_TILE(pv8_tile2, , ROWS2)
+PV_TILE(pv8_tile3, , ROWS3)
+#undef VEC
+#undef VZERO
+#undef VSET1
+#undef VFMA
+#undef VLD
+#undef VST
+#undef W
 static const pv_tile_fn pv8_tiles[4] = {NULL, pv8_tile1, pv8_tile2, pv8_tile3};
 
 static void decode_group256(const float *q, int64_t q_sh, const float *k, int64_t k_sn, const float *v, int64_t v_sn,
