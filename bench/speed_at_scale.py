@@ -231,6 +231,42 @@ def goals(data: dict) -> list[dict]:
     return out
 
 
+#: the issue's goal for the roofline model: prediction within this share of the measured time wherever the step is
+#: memory-bound.
+GOAL_PREDICTION_ERROR = 0.25
+
+
+def prediction_accuracy(data: dict) -> list[dict]:
+    """Per (cache, variant): memory-bound cells measured, how many the roofline predicts within
+    :data:`GOAL_PREDICTION_ERROR`, and the median and largest error (measured / predicted - 1)."""
+    cells: dict[tuple, list[float]] = {}
+    for r in data["measured"]:
+        if "measured_ms" in r and r.get("bound") == "memory":
+            cells.setdefault((r["cache"], bool(r.get("compiled")), r["variant"]), []).append(r["error"])
+    out = []
+    for (cache, compiled, variant), errs in sorted(cells.items()):
+        errs = sorted(errs)
+        n = len(errs)
+        median = errs[n // 2] if n % 2 else (errs[n // 2 - 1] + errs[n // 2]) / 2
+        out.append({"cache": cache, "compiled": compiled, "variant": variant, "cells": n,
+                    "within": sum(abs(e) <= GOAL_PREDICTION_ERROR for e in errs), "median_error": median,
+                    "max_error": max(errs, key=abs)})
+    return out
+
+
+def prediction_lines(data: dict) -> list[str]:
+    rows = prediction_accuracy(data)
+    lines = ["## How well the roofline predicts memory-bound steps", "",
+             f"Goal: within {GOAL_PREDICTION_ERROR:.0%} of the measured time wherever the step is memory-bound. Error "
+             "= measured / predicted - 1 (positive: slower than the roofline).", "",
+             "| cache | variant | memory-bound cells | within 25% | median error | largest error |",
+             "|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['cache']}{' (compiled)' if r['compiled'] else ''} | {r['variant']} | {r['cells']} | "
+                     f"{r['within']} | {r['median_error']:+.0%} | {r['max_error']:+.0%} |")
+    return lines + [""]
+
+
 def goal_lines(data: dict) -> list[str]:
     rows = goals(data)
     lines = ["## Goals at 8k tokens x 8 sequences", "",
@@ -272,6 +308,7 @@ def write_md(path: Path, data: dict) -> None:
              "one token for every sequence of the batch. Predicted = max(bytes / bandwidth, FLOPs / FLOP rate) of "
              "the matrices plus the same of the attention (hf_attn_swap/eval/roofline.py); error = measured / predicted - 1.", "",
              *goal_lines(data),
+             *prediction_lines(data),
              "## Measured against predicted (ms per step)", "",
              "| cache | variant | context | batch | measured | predicted | error | bound |", "|---|---|---:|---:|---:|---:|---:|---|"]
     for r in data["measured"]:
@@ -407,6 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.report_only:
         data = json.loads(out.with_suffix(".json").read_text())
         data["goals"] = goals(data)
+        data["prediction"] = prediction_accuracy(data)
         out.with_suffix(".json").write_text(json.dumps(data, indent=2))
         write_md(out.with_suffix(".md"), data)
         plot(out, data)
@@ -453,6 +491,7 @@ def main(argv: list[str] | None = None) -> int:
         "wall_s": time.perf_counter() - t0,
     }
     data["goals"] = goals(data)
+    data["prediction"] = prediction_accuracy(data)
     out.with_suffix(".json").write_text(json.dumps(data, indent=2))
     write_md(out.with_suffix(".md"), data)
     files = plot(out, data)

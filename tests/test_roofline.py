@@ -261,6 +261,14 @@ def test_speed_at_scale_goals_are_computed_from_the_figures():
     assert g["mqa_speedup_measured"] == pytest.approx(1.5) and g["mqa_speedup_ratio"] == pytest.approx(0.6)
     assert g["speedup_goal_met"] is False
 
+    # The roofline's accuracy: memory-bound cells only, counted within 25%, the median and largest error
+    rows = [{"cache": "static", "variant": "v", "measured_ms": m, "predicted_ms": 100.0, "error": m / 100.0 - 1,
+             "bound": b} for m, b in ((110.0, "memory"), (120.0, "memory"), (190.0, "memory"), (400.0, "compute"))]
+    (acc,) = bench.prediction_accuracy({"measured": rows})
+    assert (acc["cells"], acc["within"]) == (3, 2)
+    assert acc["median_error"] == pytest.approx(0.2) and acc["max_error"] == pytest.approx(0.9)
+    assert "| static | v | 3 | 2 | +20% | +90% |" in "\n".join(bench.prediction_lines({"measured": rows}))
+
 
 def test_speed_at_scale_profiles_only_cells_that_were_measured():
     """The profile step once ran the baseline at 32k x 16, a cell skipped because its cache did not fit, and the
