@@ -1,4 +1,5 @@
-/* Sliding-window (band) attention forward for x86-64 CPUs with AVX2 and FMA, fp32.
+/* Sliding-window (band) attention forward for x86-64 CPUs with AVX2 and FMA, fp32; and, further down, the decode
+ * kernel (decode_attention_f32: one new token per sequence against a K/V cache, AVX-512 or AVX2).
  *
  * Why a kernel of our own: torch's CPU SDPA cannot be told about a band. A mask only hides work (the full n^2 is
  * still computed) and the blocked SDPA path (blocked.py) must compute every query block against window + block - 1
