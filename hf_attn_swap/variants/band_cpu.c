@@ -383,17 +383,53 @@ PV_TILE(pv_tile6, T512, ROWS6)
 #undef VST
 #undef W
 typedef void (*pv_tile_fn)(const float *, const float *, int64_t, int64_t, float *, int64_t, const float *);
+
+/* The scalar parts both versions share. decode_start: scaled queries, zero outputs, no key seen yet. */
+static void decode_start(const float *q, int64_t q_sh, int64_t G, int64_t D, float qscale, float *QS, float *O,
+                         float *m, float *l) {
+    for (int64_t g = 0; g < G; g++)
+        for (int64_t d = 0; d < D; d++) QS[g * D + d] = q[g * q_sh + d] * qscale;
+    for (int64_t i = 0; i < G * D; i++) O[i] = 0.0f;
+    for (int64_t g = 0; g < GMAX; g++) m[g] = -INFINITY, l[g] = 0.0f;
+}
+
+/* Online softmax, after head g's block was exponentiated against its new running max mn (block sum bs): the factor
+ * alpha[g] its earlier outputs are rescaled by, and the running sum and max. */
+static inline void decode_rescale(int64_t g, float mn, float bs, float *m, float *l, float *alpha) {
+    alpha[g] = m[g] == -INFINITY ? 0.0f : exp2f(m[g] - mn);
+    l[g] = l[g] * alpha[g] + bs;
+    m[g] = mn;
+}
+
+/* O[g] = alpha[g] O[g] + sum_c P[g][c] V[c] over one block, in tiles of at most hmax heads x dims dims (tile[n] for
+ * n heads), the heads split as evenly as the tiles allow (AVX-512, G = 9: 5 + 4), so no tile computes a head that
+ * is not there. */
+static void decode_pv(const pv_tile_fn *tile, int64_t hmax, int64_t dims, const float *S, const float *vb,
+                      int64_t v_sn, int64_t nb, float *O, int64_t G, int64_t D, const float *alpha) {
+    const int64_t tiles = (G + hmax - 1) / hmax;
+    for (int64_t dc = 0; dc < D; dc += dims)
+        for (int64_t t = 0, g0 = 0; t < tiles; t++) {
+            const int64_t ng = (G - g0) / (tiles - t) + ((G - g0) % (tiles - t) != 0);
+            tile[ng](S + g0 * DB, vb + dc, v_sn, nb, O + g0 * D + dc, D, alpha + g0);
+            g0 += ng;
+        }
+}
+
+/* The outputs, divided by each head's softmax sum (zeros for a head that saw no key). */
+static void decode_finish(float *o, int64_t o_sh, const float *O, const float *l, int64_t G, int64_t D) {
+    for (int64_t g = 0; g < G; g++) {
+        const float inv = l[g] > 0.0f ? 1.0f / l[g] : 0.0f;
+        for (int64_t d = 0; d < D; d++) o[g * o_sh + d] = O[g * D + d] * inv;
+    }
+}
 static const pv_tile_fn pv_tiles[7] = {NULL, pv_tile1, pv_tile2, pv_tile3, pv_tile4, pv_tile5, pv_tile6};
 
 T512 static void decode_group512(const float *q, int64_t q_sh, const float *k, int64_t k_sn, const float *v,
                                  int64_t v_sn, float *o, int64_t o_sh, const uint8_t *valid, int64_t G, int64_t N,
                                  int64_t D, float qscale, float *QS, float *S, float *O) {
     const float ninf = -INFINITY;
-    for (int64_t g = 0; g < G; g++)
-        for (int64_t d = 0; d < D; d++) QS[g * D + d] = q[g * q_sh + d] * qscale;
-    for (int64_t i = 0; i < G * D; i++) O[i] = 0.0f;
     float m[GMAX], l[GMAX], alpha[GMAX];
-    for (int64_t g = 0; g < GMAX; g++) m[g] = ninf, l[g] = 0.0f;
+    decode_start(q, q_sh, G, D, qscale, QS, O, m, l);
     for (int64_t j0 = 0; j0 < N; j0 += DB) {
         const int64_t nb = min64(DB, N - j0);
         for (int64_t c0 = 0; c0 < nb; c0 += 16) {
@@ -423,24 +459,11 @@ T512 static void decode_group512(const float *q, int64_t q_sh, const float *k, i
                 _mm512_storeu_ps(sg + 16 * t, e);
                 sum = _mm512_add_ps(sum, e);
             }
-            alpha[g] = m[g] == ninf ? 0.0f : exp2f(m[g] - mn);
-            l[g] = l[g] * alpha[g] + _mm512_reduce_add_ps(sum);
-            m[g] = mn;
+            decode_rescale(g, mn, _mm512_reduce_add_ps(sum), m, l, alpha);
         }
-        /* O[g] = alpha[g] O[g] + sum_c P[g][c] V[c], in tiles of n <= 6 heads x 64 dims (4n named accumulators),
-         * the heads split as evenly as the tiles allow (G = 9: 5 + 4), so no tile computes a head that is not there */
-        const int64_t tiles = (G + 5) / 6;
-        for (int64_t dc = 0; dc < D; dc += 64)
-            for (int64_t t = 0, g0 = 0; t < tiles; t++) {
-                const int64_t ng = (G - g0) / (tiles - t) + ((G - g0) % (tiles - t) != 0);
-                pv_tiles[ng](S + g0 * DB, v + j0 * v_sn + dc, v_sn, nb, O + g0 * D + dc, D, alpha + g0);
-                g0 += ng;
-            }
+        decode_pv(pv_tiles, 6, 64, S, v + j0 * v_sn, v_sn, nb, O, G, D, alpha); /* 4n named accumulators a tile */
     }
-    for (int64_t g = 0; g < G; g++) {
-        const float inv = l[g] > 0.0f ? 1.0f / l[g] : 0.0f;
-        for (int64_t d = 0; d < D; d++) o[g * o_sh + d] = O[g * D + d] * inv;
-    }
+    decode_finish(o, o_sh, O, l, G, D);
 }
 
 /* The same step on AVX2 (CPUs without AVX-512, or D a multiple of 32 but not of 64): dims along 8 lanes, scores
@@ -494,11 +517,8 @@ static void decode_group256(const float *q, int64_t q_sh, const float *k, int64_
                             float *o, int64_t o_sh, const uint8_t *valid, int64_t G, int64_t N, int64_t D,
                             float qscale, float *QS, float *S, float *O) {
     const float ninf = -INFINITY;
-    for (int64_t g = 0; g < G; g++)
-        for (int64_t d = 0; d < D; d++) QS[g * D + d] = q[g * q_sh + d] * qscale;
-    for (int64_t i = 0; i < G * D; i++) O[i] = 0.0f;
     float m[GMAX], l[GMAX], alpha[GMAX];
-    for (int64_t g = 0; g < GMAX; g++) m[g] = ninf, l[g] = 0.0f;
+    decode_start(q, q_sh, G, D, qscale, QS, O, m, l);
     for (int64_t j0 = 0; j0 < N; j0 += DB) {
         const int64_t nb = min64(DB, N - j0);
         for (int64_t c0 = 0; c0 < nb; c0 += 8) {
@@ -532,22 +552,11 @@ static void decode_group256(const float *q, int64_t q_sh, const float *k, int64_
             _mm256_storeu_ps(lanes, sum);
             float bs = 0.0f;
             for (int i = 0; i < 8; i++) bs += lanes[i];
-            alpha[g] = m[g] == ninf ? 0.0f : exp2f(m[g] - mn);
-            l[g] = l[g] * alpha[g] + bs;
-            m[g] = mn;
+            decode_rescale(g, mn, bs, m, l, alpha);
         }
-        const int64_t tiles = (G + 2) / 3;
-        for (int64_t dc = 0; dc < D; dc += 32)
-            for (int64_t t = 0, g0 = 0; t < tiles; t++) {
-                const int64_t ng = (G - g0) / (tiles - t) + ((G - g0) % (tiles - t) != 0);
-                pv8_tiles[ng](S + g0 * DB, v + j0 * v_sn + dc, v_sn, nb, O + g0 * D + dc, D, alpha + g0);
-                g0 += ng;
-            }
+        decode_pv(pv8_tiles, 3, 32, S, v + j0 * v_sn, v_sn, nb, O, G, D, alpha);
     }
-    for (int64_t g = 0; g < G; g++) {
-        const float inv = l[g] > 0.0f ? 1.0f / l[g] : 0.0f;
-        for (int64_t d = 0; d < D; d++) o[g * o_sh + d] = O[g * D + d] * inv;
-    }
+    decode_finish(o, o_sh, O, l, G, D);
 }
 
 /* Whether this CPU (and its OS) runs AVX-512F and the step's D suits the 64-dim tiles. */
