@@ -105,6 +105,8 @@ def measure(args: argparse.Namespace) -> dict:
         res["rows"].append(row)
         del ks, vs
     res["provenance"] = provenance()
+    # no model is loaded: the figures depend on shapes, not on weights
+    res["weights"] = "none: seeded random queries and K/V (torch.Generator seed 0) in each row's shape"
     return res
 
 
@@ -115,7 +117,7 @@ def markdown(res: dict) -> str:
              f"One decode step's attention over every layer, {res['context']:,} cached tokens x {res['batch']} "
              f"sequences, float32, {res['threads']} thread(s); each layer's own K/V, so the step reads the whole "
              "cache from memory. `sum` reads the same bytes with `Tensor.sum()`: the rate this CPU reads memory at "
-             "all. Median of repeats after a warm-up, all in one run.", ""]
+             f"all. Median of repeats after a warm-up, all in one run. Weights: {res.get('weights', '-')}.", ""]
     if not res["kernel_available"]:
         lines += [f"No AVX-512 version here ({res['reason'] or 'this CPU lacks AVX-512F'}).", ""]
     lines += ["| shape | layers x heads / KV heads x dim | K/V read | sum (ms, GB/s) | SDPA (ms, GB/s) | "
