@@ -139,6 +139,39 @@ def test_interrupted_build_leaves_no_temp_file(tmp_path, monkeypatch):
     assert _wait_dead(cc.sleeper_pid())
 
 
+def test_interrupt_inside_popen_still_kills_the_compiler(tmp_path, monkeypatch):
+    """Ctrl-C after the fork but before ``Popen`` returns: the interrupt is delivered once the pid is known.
+
+    Injected by a Popen that receives SIGINT itself after starting the compiler (CI once hit this window on a loaded
+    machine: the compiler outlived the interrupted build). Runs in a child Python for the reason given above.
+    """
+    cc = FakeCC(tmp_path, monkeypatch, sleep=60)
+    out = tmp_path / "kernels"
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    code = (
+        "import os, signal, subprocess, sys, time; from pathlib import Path\n"
+        "signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+        "real = subprocess.Popen\n"
+        "class InterruptedPopen(real):\n"
+        "    def __init__(self, *a, **k):\n"
+        "        super().__init__(*a, **k)\n"
+        "        if a[0][0] != os.environ['CC']: return  # other tools (ldconfig from ctypes) run as usual\n"
+        "        pidfile = Path(sys.argv[2])\n"
+        "        while not (pidfile.exists() and pidfile.read_text().strip()): time.sleep(0.01)\n"
+        "        os.kill(os.getpid(), signal.SIGINT)\n"
+        "        for _ in range(100): time.sleep(0.001)  # bytecode boundaries: a live handler runs here\n"
+        "subprocess.Popen = InterruptedPopen\n"
+        "from hf_attn_swap.variants import band_cpu\n"
+        "band_cpu.build(Path(sys.argv[1]), timeout=60)\n")
+    child = subprocess.run([sys.executable, "-c", code, str(out), str(cc.pidfile)], env=env, capture_output=True,
+                           text=True, timeout=60)
+    assert child.returncode != 0 and "KeyboardInterrupt" in child.stderr, child.stderr[-2000:]
+    assert _listing(out) == [LOCK]
+    assert _wait_dead(cc.sleeper_pid()), "the compiler outlived an interrupt that came inside Popen"
+
+
 def test_compiler_failure_names_the_compiler_and_cleans_up(tmp_path, monkeypatch):
     cc = FakeCC(tmp_path, monkeypatch, fail=True)
     out = tmp_path / "kernels"

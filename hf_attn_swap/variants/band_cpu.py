@@ -42,6 +42,7 @@ import signal
 import stat
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -171,17 +172,41 @@ def _build_lock(out_dir: Path, wait_s: float) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
+@contextlib.contextmanager
+def _sigint_held(held: list[int]):
+    """Record Ctrl-C instead of raising it while the block runs (main thread only; elsewhere it cannot arrive).
+
+    A KeyboardInterrupt raised inside ``subprocess.Popen`` after the fork, before it returns, would leave the
+    compiler running with nobody holding its pid (CI caught it on a loaded machine: the shell had started, the
+    parent was still in Popen's read of the exec pipe).
+    """
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or previous is None:  # None: set outside Python
+        yield
+        return
+    signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _compile(cmd: list[str], work: Path, timeout: float) -> subprocess.CompletedProcess[str]:
     """Run the compiler in its own process group; kill the whole group (cc1, as, ld) on timeout or interrupt."""
     env = {**os.environ, "TMPDIR": str(work)}  # its intermediate files land in ``work`` and go with it
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
+    proc, held = None, []
     try:
+        with _sigint_held(held):
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                    start_new_session=True)
+        if held:  # Ctrl-C came while Popen ran: deliver it again (to whatever handler was there) now that the
+            signal.raise_signal(signal.SIGINT)  # group can be killed
         out, err = proc.communicate(timeout=timeout)
     except BaseException:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
+        if proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
         raise
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
