@@ -33,7 +33,7 @@ from hf_attn_swap.eval.report import provenance_lines
 from hf_attn_swap.provenance import provenance
 from hf_attn_swap.zoo import load_model
 
-STRATEGIES = ("mean", "first", "random", "fit", "align")
+STRATEGIES = ("mean", "first", "random", "fit", "align", "refit")
 GOAL = 0.9  # issue 12: the best training-free strategy closes this share of mean-pooling's ln-perplexity gap
 RENDERER = "bench/gqa_strategies.py:markdown"  # how hf_attn_swap.readme re-renders and checks the .md
 
@@ -148,7 +148,10 @@ def markdown(res: dict) -> str:
         "the output projection) per KV group, exact under RoPE (see `hf_attn_swap/convert/pooling.py`). `align` "
         "rotates each K/V head of a group onto a common reference by orthogonal Procrustes on the same calibration "
         "statistics (RoPE-commuting rotations for keys; queries and output columns rotated to match), then mean-pools "
-        "(after Jin et al. 2024; `hf_attn_swap/convert/align.py`).",
+        "(after Jin et al. 2024; `hf_attn_swap/convert/align.py`). `refit` is `fit` with the values fitted on the "
+        "attention-mixed inputs they are read through, then each layer's output projection re-solved by ridge "
+        "regression, layer by layer, on the converted model's own activations against the original layer's attention "
+        "output (closed form, no gradient steps; `hf_attn_swap/convert/refit.py`).",
         "",
     ]
     s = res["smollm2"]
@@ -245,7 +248,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--corpus", default="shakespeare")
     p.add_argument("--eval-tokens", type=int, default=8192)
-    p.add_argument("--calib-tokens", type=int, default=4096)
+    p.add_argument("--calib-tokens", type=int, default=16384)
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--sentences", type=int, default=512)
     p.add_argument("--threads", type=int, default=2)

@@ -93,6 +93,21 @@ def test_fast_fit_computes_the_reference_forms_to_float64_roundoff(name):
         assert torch.equal(new.q_w, p.q_w) and torch.allclose(new.k_w, ref.k_w, rtol=0, atol=1e-15)
 
 
+@pytest.mark.parametrize("name", ["mqa_rope", "biases_qwen2", "no_rope_gpt2"])
+def test_values_fitted_on_another_statistic_match_the_reference(name):
+    """refit's value statistic (the attention-mixed inputs' moment) reaches the values only, in both paths."""
+    case = CASES[name]
+    p, cov = _problem(kv=case["kv"], bias=case.get("bias", False), tokens=400)
+    p2, vcov = _problem(kv=case["kv"], bias=case.get("bias", False), tokens=300, seed=7)  # a different moment
+    args = (8, case["kv"], case["new"], 8, case["rd"], False, cov)
+    ref, new, plain = pooling._fit(p, *args, vcov), fit_projections(p, *args, vcov), fit_projections(p, *args)
+    for a, b in zip(_forms(new, 8, case["new"], 8, case["rd"]), _forms(ref, 8, case["new"], 8, case["rd"])):
+        assert _rel(a, b) < 1e-10
+    # keys/queries as plain fit's; values/outputs differ from it
+    assert torch.equal(new.k_w, plain.k_w) and torch.equal(new.q_w, plain.q_w)
+    assert _rel(_forms(new, 8, case["new"], 8, case["rd"])[2], _forms(plain, 8, case["new"], 8, case["rd"])[2]) > 1e-3
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("name", ["mqa_rope", "biases_qwen2", "partial_rotary_neox"])
 def test_fast_fit_in_low_precision_is_as_close_to_the_exact_forms_as_the_reference(name, dtype):

@@ -90,7 +90,7 @@ def test_converted_llama_weights_are_the_mean_of_the_groups():
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("strategy", ["mean", "first", "random", "fit", "align"])
+@pytest.mark.parametrize("strategy", ["mean", "first", "random", "fit", "align", "refit"])
 def test_every_adapter_converts_to_mqa_and_runs(arch, strategy):
     model = tiny(arch)
     swap_attention(model, "mqa", strategy=strategy, calibration=CALIB)

@@ -120,6 +120,7 @@ VARIANTS = {
     "gqa_mean": ("gqa", {"groups": 2}),
     "gqa_fit": ("gqa", {"groups": 2, "strategy": "fit"}),
     "gqa_align": ("gqa", {"groups": 2, "strategy": "align"}),
+    "gqa_refit": ("gqa", {"groups": 2, "strategy": "refit"}),
     "mqa": ("mqa", {}),
     "sliding_window": ("sliding_window", {"window": 3, "sinks": 1}),
     "linear": ("linear", {"feature_map": "hedgehog"}),

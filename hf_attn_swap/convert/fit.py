@@ -159,6 +159,7 @@ def fit_projections(
     rotary_dims: int,
     qk_norm: bool,
     cov: torch.Tensor,
+    value_cov: torch.Tensor | None = None,
 ) -> Projections:
     """``fit`` for one attention module: the reference ``pooling._fit``'s result (see the module docstring).
 
@@ -169,6 +170,9 @@ def fit_projections(
         rotary_dims: leading dims of each head that RoPE rotates in pairs ``(i, i + rotary_dims/2)``; 0 = none.
         qk_norm: keys pass through a norm: they are mean-pooled and only values/outputs are refit.
         cov: ``E[x x^T]`` of the attention input with a trailing constant-1 coordinate, ``(E+1, E+1)``.
+        value_cov: the statistic the values are fitted on instead of ``cov`` (same layout): ``refit`` passes the
+            second moment of the attention-mixed inputs ``sum_j a_ij x_j``, which is what ``v_proj`` feeds ``o_proj``
+            through; None = ``cov``.
     """
     dtype, device = p.k_w.dtype, p.k_w.device
     e, d = p.k_w.shape[1], head_dim
@@ -178,7 +182,8 @@ def fit_projections(
     aug_k = p.q_b is not None and p.k_b is not None
     aug_v = p.v_b is not None
     c_k = cov if aug_k else cov[:e, :e]
-    c_v = cov if aug_v else cov[:e, :e]
+    vcov = cov if value_cov is None else value_cov.to(device=device, dtype=torch.float64)
+    c_v = vcov if aug_v else vcov[:e, :e]
     out = {}
 
     if qk_norm:  # keys are not linear in x behind a norm: mean-pool them, keep the queries (as the reference does)

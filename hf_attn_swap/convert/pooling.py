@@ -29,9 +29,9 @@ from . import align as _align
 from .fit import fit_projections
 from .projections import Projections
 
-STRATEGIES = ("mean", "first", "random", "fit", "align")
+STRATEGIES = ("mean", "first", "random", "fit", "align", "refit")
 #: strategies that read calibration statistics (``covariance=``; ``calibration=`` for swap_attention).
-CALIBRATED = ("fit", "align")
+CALIBRATED = ("fit", "align", "refit")
 
 
 def _heads(w: torch.Tensor, n: int) -> torch.Tensor:
@@ -138,6 +138,7 @@ def convert_projections(
     qk_norm: bool = False,
     covariance: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    value_covariance: torch.Tensor | None = None,
 ) -> Projections:
     """Convert one module's canonical projections from ``old_kv`` to ``new_kv`` KV heads.
 
@@ -152,6 +153,7 @@ def convert_projections(
         covariance: for ``fit`` and ``align``, the second moment ``E[x x^T]`` of the attention input, ``(E+1, E+1)`` with a trailing
             constant-1 coordinate (used when the projections have biases; otherwise its top-left block is used).
         generator: for ``random``.
+        value_covariance: for ``refit``, the statistic its values are fitted on (:mod:`.refit`); same layout.
     """
     if old_kv % new_kv:
         raise ValueError(f"new KV heads ({new_kv}) must divide the current KV heads ({old_kv})")
@@ -165,17 +167,19 @@ def convert_projections(
         p = _align.align_projections(p, num_heads=num_heads, old_kv=old_kv, new_kv=new_kv, head_dim=head_dim,
                                      rotary_dims=rotary_dims, qk_norm=qk_norm, covariance=covariance)
         strategy = "mean"  # the aligned heads are then mean-pooled
-    if strategy != "fit":
+    if strategy not in ("fit", "refit"):
         return p.replace(
             k_w=pool(p.k_w, old_kv, new_kv, strategy, generator),
             k_b=pool(p.k_b, old_kv, new_kv, strategy, generator),
             v_w=pool(p.v_w, old_kv, new_kv, strategy, generator),
             v_b=pool(p.v_b, old_kv, new_kv, strategy, generator),
         )
-    return fit_projections(p, num_heads, old_kv, new_kv, head_dim, rotary_dims, qk_norm, covariance)
+    # refit's output projections are re-solved afterwards, layer by layer (.refit); its K/V/Q/O start is this fit
+    return fit_projections(p, num_heads, old_kv, new_kv, head_dim, rotary_dims, qk_norm, covariance,
+                           value_covariance if strategy == "refit" else None)
 
 
-def _fit(p, num_heads, old_kv, new_kv, head_dim, rotary_dims, qk_norm, cov) -> Projections:
+def _fit(p, num_heads, old_kv, new_kv, head_dim, rotary_dims, qk_norm, cov, value_cov=None) -> Projections:
     """The plain reference of ``fit`` (whiten, SVD, un-whiten; per group, complex128 for RoPE pairs).
 
     :func:`.fit.fit_projections` computes the same solution without the roots of ``C`` and is what conversions run;
@@ -197,9 +201,10 @@ def _fit(p, num_heads, old_kv, new_kv, head_dim, rotary_dims, qk_norm, cov) -> P
     aug_k = qb is not None and kb is not None
     aug_v = vb is not None
     c_k = full if aug_k else plain_cov
-    c_v = full if aug_v else plain_cov
+    vfull = full if value_cov is None else value_cov.double()
+    c_v = vfull if aug_v else vfull[:e, :e]
     roots_k = _sqrt_and_inv_sqrt(c_k)
-    roots_v = roots_k if aug_v == aug_k else _sqrt_and_inv_sqrt(c_v)
+    roots_v = roots_k if aug_v == aug_k and value_cov is None else _sqrt_and_inv_sqrt(c_v)
     c_k_complex = c_k.to(torch.complex128)
 
     new_q = q_heads.clone()

@@ -7,6 +7,8 @@ this layout only; the adapter row says how to get there and back.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -191,20 +193,38 @@ def build_new_modules(site: AttentionSite, adapter: ArchAdapter, new: Projection
     return assignments
 
 
+def _undo(done: list[tuple[nn.Module, str, Any, bool]]) -> None:
+    for owner, attr, old, had in reversed(done):
+        if had:
+            setattr(owner, attr, old)
+        else:
+            delattr(owner, attr)
+
+
+def _apply(assignments: list[dict[Any, tuple[nn.Module, str, Any]]], done: list) -> None:
+    for block in assignments:
+        for owner, attr, value in block.values():
+            had = hasattr(owner, attr)
+            done.append((owner, attr, getattr(owner, attr, None), had))
+            setattr(owner, attr, value)
+
+
 def commit(assignments: list[dict[Any, tuple[nn.Module, str, Any]]]) -> None:
     """Phase 2: apply all assignments; on any failure put back every old value (the model is left as it was)."""
     done: list[tuple[nn.Module, str, Any, bool]] = []
     try:
-        for block in assignments:
-            for owner, attr, value in block.values():
-                had = hasattr(owner, attr)
-                old = getattr(owner, attr, None)
-                done.append((owner, attr, old, had))
-                setattr(owner, attr, value)
+        _apply(assignments, done)
     except BaseException:
-        for owner, attr, old, had in reversed(done):
-            if had:
-                setattr(owner, attr, old)
-            else:
-                delattr(owner, attr)
+        _undo(done)
         raise
+
+
+@contextlib.contextmanager
+def applied(block: dict[Any, tuple[nn.Module, str, Any]]) -> Iterator[None]:
+    """One module's assignments in force inside the block only (``refit`` runs a converted layer before commit)."""
+    done: list[tuple[nn.Module, str, Any, bool]] = []
+    try:
+        _apply([block], done)
+        yield
+    finally:
+        _undo(done)

@@ -23,6 +23,7 @@ from ..convert.calibrate import second_moments
 from ..progress import progress
 from ..convert.pooling import CALIBRATED, STRATEGIES, convert_projections, rotary_dims_of
 from ..convert.projections import build_new_modules, commit, find_attention, read_projections
+from ..convert.refit import refit_layers
 from ..reference import causal_bool_mask, reference_attention
 from ..registry import register_variant
 from . import band_cpu
@@ -67,8 +68,10 @@ class GQAConfig(VariantConfig):
 
     Attributes:
         groups: number of KV heads after conversion (1 = MQA). Must divide the current KV heads of every layer.
-        strategy: ``mean`` (paper), ``first``, ``random`` (paper ablations), ``fit`` (calibrated refit) or
-            ``align`` (Procrustes head alignment, then mean); ``fit`` and ``align`` need ``calibration=`` input ids.
+        strategy: ``mean`` (paper), ``first``, ``random`` (paper ablations), ``fit`` (calibrated refit),
+            ``align`` (Procrustes head alignment, then mean) or ``refit`` (``fit`` with attention-mixed value
+            statistics, then each output projection re-solved layer by layer on the converted model's own
+            activations; :mod:`hf_attn_swap.convert.refit`); ``fit``, ``align`` and ``refit`` need ``calibration=``.
         seed: seed of the ``random`` strategy.
     """
 
@@ -234,7 +237,7 @@ def convert_gqa(model: torch.nn.Module, config: GQAConfig | MQAConfig, layers: l
     chosen = [sites[i] for i in layers]
     gen = torch.Generator().manual_seed(int(getattr(config, "seed", 0)))
 
-    def new_block(site, cov: torch.Tensor | None) -> dict | None:
+    def new_block(site, cov: torch.Tensor | None, value_cov: torch.Tensor | None = None) -> dict | None:
         """Phase 1 for one module: its new parameters (in the model's dtype, on its device), or None if unchanged."""
         p = read_projections(site.module, site.parent, adapter, head_dim=site.head_dim)
         home = p.k_w.device
@@ -242,6 +245,7 @@ def convert_gqa(model: torch.nn.Module, config: GQAConfig | MQAConfig, layers: l
             # The fit runs in float64 on the CPU: its per-layer (E x E) eigendecompositions are small, and CPU float64
             # is fast everywhere while consumer GPUs run float64 at a small fraction of their speed.
             p, cov = _moved(p, torch.device("cpu")), cov.cpu()
+            value_cov = None if value_cov is None else value_cov.cpu()
         new = convert_projections(
             p,
             num_heads=site.num_heads,
@@ -253,6 +257,7 @@ def convert_gqa(model: torch.nn.Module, config: GQAConfig | MQAConfig, layers: l
             qk_norm=adapter.qk_norm,
             covariance=cov,
             generator=gen,
+            value_covariance=value_cov,
         )
         if new is p:
             return None  # groups == current KV heads: bit-identical, nothing to write
@@ -268,9 +273,15 @@ def convert_gqa(model: torch.nn.Module, config: GQAConfig | MQAConfig, layers: l
         # Statistics come from the ORIGINAL model, on its device and in its dtype, layer by layer where possible;
         # each layer is fitted as soon as its statistic is final (one float64 matrix alive at a time) and nothing is
         # written to the model before commit, so no fit can change the statistics of a later layer.
-        results, tokens = second_moments(
-            model, [s.module for s in chosen], calibration, consume=lambda i, cov: new_block(chosen[i], cov)
-        )
+        if strategy == "refit":  # statistics and output projections from the original and converted stacks
+            results, tokens = refit_layers(
+                model, [s.module for s in chosen], [_out_proj(s, adapter) for s in chosen], calibration,
+                lambda i, cov, value_cov: new_block(chosen[i], cov, value_cov),
+            )
+        else:
+            results, tokens = second_moments(
+                model, [s.module for s in chosen], calibration, consume=lambda i, cov: new_block(chosen[i], cov)
+            )
     else:  # a bar per layer, except when only reshaping for a load (instant); fit's bar is calibration's, per layer
         results = [new_block(site, None) for site in
                    (chosen if structure_only else progress(chosen, desc=f"{strategy} K/V heads -> {groups}", unit="layer"))]
@@ -286,6 +297,13 @@ def convert_gqa(model: torch.nn.Module, config: GQAConfig | MQAConfig, layers: l
         "vanilla": uniform and adapter.native_gqa,
         "calibration_tokens": tokens,
     }
+
+
+def _out_proj(site, adapter) -> tuple[torch.nn.Module, bool]:
+    """A site's output projection and whether it stores its weight ``(in, out)`` (GPT-2's Conv1D)."""
+    from ..convert.projections import _resolve
+
+    return _resolve(site.module, site.parent, adapter.o), adapter.layout == "conv1d"
 
 
 def _moved(p, device: torch.device):
