@@ -60,7 +60,15 @@ def reference_refit(model, groups: int, calibration: torch.Tensor):
         new = convert_projections(p, num_heads=s.num_heads, old_kv=s.num_kv_heads, new_kv=groups, head_dim=s.head_dim,
                                   strategy="refit", rotary_dims=rotary_dims_of(student.config, s.head_dim, adapter.rope),
                                   qk_norm=adapter.qk_norm, covariance=stats[i][0], value_covariance=stats[i][1])
-        commit([build_new_modules(s, adapter, new)])
+        # GQA is MHA with each merged K/V head repeated for its group: the reference keeps the copy in that form,
+        # which plain eager attention runs in every family (BERT's and GPT-2's eager cannot run fewer K/V heads).
+        r, d = s.num_kv_heads // groups, s.head_dim
+        def rep(t):
+            return None if t is None else t.reshape(groups, 1, d, *t.shape[1:]).expand(
+                groups, r, d, *t.shape[1:]).reshape(groups * r * d, *t.shape[1:])
+
+        commit([build_new_modules(s, adapter, new.replace(k_w=rep(new.k_w), k_b=rep(new.k_b), v_w=rep(new.v_w),
+                                                           v_b=rep(new.v_b)))])
         o = _resolve(s.module, s.parent, adapter.o)
         box = {}
         h = o.register_forward_pre_hook(lambda m, a: box.__setitem__("f", a[0]))
@@ -79,12 +87,13 @@ def reference_refit(model, groups: int, calibration: torch.Tensor):
     return student
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2", "gpt_neox"])
-def test_refit_matches_its_plain_reference(arch):
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2", "gpt_neox", "bert"])
+def test_refit_matches_its_plain_reference(arch, groups):
     model = tiny(arch)
-    ref = reference_refit(model, 1, CALIB)
+    ref = reference_refit(model, groups, CALIB)
     fast = copy.deepcopy(model)
-    swap_attention(fast, "mqa", strategy="refit", calibration=CALIB)
+    swap_attention(fast, "gqa", groups=groups, strategy="refit", calibration=CALIB)
     torch.testing.assert_close(output(fast, IDS), output(ref, IDS), atol=2e-5, rtol=1e-4)  # fp32 vs float64 stats
     for a, b in zip(find_attention(fast, get_adapter(fast)), find_attention(ref, get_adapter(ref))):
         ao, bo = (_resolve(s.module, s.parent, get_adapter(model).o).weight for s in (a, b))

@@ -58,8 +58,10 @@ RIDGE_SCALE = 0.5
 #: attention implementations whose eager twin computes the same function (refit reads probabilities from eager).
 STOCK_ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 
-#: ``fit_block(i, cov, value_cov) -> assignments or None``: module ``i``'s new parameters from its statistics.
-FitBlock = Callable[[int, torch.Tensor, torch.Tensor], "dict | None"]
+#: ``fit_block(i, cov, value_cov) -> (assignments, run_assignments) or None``: module ``i``'s new parameters from its
+#: statistics, and what its layer runs as under eager attention (the same, or K/V repeated to the old head count
+#: where eager does not repeat them itself).
+FitBlock = Callable[[int, torch.Tensor, torch.Tensor], "tuple[dict, dict] | None"]
 
 
 def _augment(x: torch.Tensor) -> torch.Tensor:
@@ -262,21 +264,21 @@ def refit_layers(
                 finally:
                     if teacher is not None:
                         teacher.remove()
-                block = None
+                blocks = None
                 if teacher is not None:
-                    block = fit_block(i, teacher.cov / tokens, teacher.mixed / tokens)
-                if block is not None:
+                    blocks = fit_block(i, teacher.cov / tokens, teacher.mixed / tokens)
+                if blocks is not None:
+                    block, run = blocks
                     out_proj, transposed = out_projs[i]
-                    with applied(block), _RunIn(layers[j], run_dtype):
+                    with applied(run), _RunIn(layers[j], run_dtype):
                         new = refit_output(out_proj, transposed, layers[j], student, rests, keeps, teacher.targets,
                                            tokens)
-                    block = dict(block)
                     weight, bias = new if isinstance(new, tuple) else (new, None)
-                    block[(id(out_proj), "weight")] = (out_proj, "weight", _param(weight, out_proj.weight))
+                    solved = {(id(out_proj), "weight"): (out_proj, "weight", _param(weight, out_proj.weight))}
                     if bias is not None:
-                        block[(id(out_proj), "bias")] = (out_proj, "bias", _param(bias, out_proj.bias))
-                    results[i] = block
-                    with applied(block), _RunIn(layers[j], run_dtype):
+                        solved[(id(out_proj), "bias")] = (out_proj, "bias", _param(bias, out_proj.bias))
+                    results[i] = {**block, **solved}
+                    with applied({**run, **solved}), _RunIn(layers[j], run_dtype):
                         student = [_call_layer(layers[j], h, r) for h, r in zip(student, rests)]
                 else:
                     with _RunIn(layers[j], run_dtype):

@@ -239,6 +239,27 @@ def convert_gqa(model: torch.nn.Module, config: GQAConfig | MQAConfig, layers: l
 
     def new_block(site, cov: torch.Tensor | None, value_cov: torch.Tensor | None = None) -> dict | None:
         """Phase 1 for one module: its new parameters (in the model's dtype, on its device), or None if unchanged."""
+        new = new_projections(site, cov, value_cov)
+        return None if new is None else build_new_modules(site, adapter, new)
+
+    def refit_blocks(site, cov: torch.Tensor, value_cov: torch.Tensor) -> tuple[dict, dict] | None:
+        """refit's two blocks: the conversion, and what the converted layer runs as under eager attention. Eager
+        repeats K/V only in native-GQA families (BERT's and GPT-2's eager matmuls would fail, or broadcast a single
+        head); elsewhere the merged K/V rows are repeated back to the old head count, which computes the same."""
+        new = new_projections(site, cov, value_cov)
+        if new is None:
+            return None
+        block = build_new_modules(site, adapter, new)
+        if adapter.native_gqa:
+            return block, block
+        r, d = site.num_kv_heads // groups, site.head_dim
+        rep = lambda t: None if t is None else t.reshape(groups, 1, d, *t.shape[1:]).expand(  # noqa: E731
+            groups, r, d, *t.shape[1:]).reshape(groups * r * d, *t.shape[1:])
+        wide = new.replace(k_w=rep(new.k_w), k_b=rep(new.k_b), v_w=rep(new.v_w), v_b=rep(new.v_b))
+        return block, build_new_modules(site, adapter, wide)
+
+    def new_projections(site, cov: torch.Tensor | None, value_cov: torch.Tensor | None):
+        """The module's converted projections beside its weights, or None where nothing changes."""
         p = read_projections(site.module, site.parent, adapter, head_dim=site.head_dim)
         home = p.k_w.device
         if cov is not None:
@@ -261,7 +282,7 @@ def convert_gqa(model: torch.nn.Module, config: GQAConfig | MQAConfig, layers: l
         )
         if new is p:
             return None  # groups == current KV heads: bit-identical, nothing to write
-        return build_new_modules(site, adapter, _moved(new, home))  # back beside the model's own weights
+        return _moved(new, home)  # back beside the model's own weights
 
     tokens = 0
     if strategy in CALIBRATED:
@@ -276,7 +297,7 @@ def convert_gqa(model: torch.nn.Module, config: GQAConfig | MQAConfig, layers: l
         if strategy == "refit":  # statistics and output projections from the original and converted stacks
             results, tokens = refit_layers(
                 model, [s.module for s in chosen], [_out_proj(s, adapter) for s in chosen], calibration,
-                lambda i, cov, value_cov: new_block(chosen[i], cov, value_cov),
+                lambda i, cov, value_cov: refit_blocks(chosen[i], cov, value_cov),
             )
         else:
             results, tokens = second_moments(
