@@ -164,6 +164,10 @@ class _Teacher:
             h.remove()
 
 
+class _Features(Exception):
+    """Raised by the feature hook once the output projection's input is taken: ends that layer call early."""
+
+
 def refit_output(out_proj: nn.Module, transposed: bool, layer: nn.Module, states: list[torch.Tensor], rests: list,
                  keeps: list, targets: list[torch.Tensor], tokens: int) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The ridge solution for ``out_proj`` given the (converted) layer's features on ``states``.
@@ -186,12 +190,16 @@ def refit_output(out_proj: nn.Module, transposed: bool, layer: nn.Module, states
         g, c = f.mT @ f, f.mT @ y
         acc["g"] = g if "g" not in acc else acc["g"] + g
         acc["c"] = c if "c" not in acc else acc["c"] + c
+        raise _Features  # the rest of the layer (its MLP) is not needed for the features
 
     h = out_proj.register_forward_pre_hook(pre)
     try:
         for b, (hidden, rest) in enumerate(zip(states, rests)):
             b_idx[0] = b
-            _call_layer(layer, hidden, rest)
+            try:
+                _call_layer(layer, hidden, rest)
+            except _Features:
+                pass
     finally:
         h.remove()
     w = ridge_solve(acc["g"].cpu(), acc["c"].cpu(), tokens)  # (features[+1], E_out)
