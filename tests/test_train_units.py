@@ -146,6 +146,33 @@ def test_layerwise_transfer_lowers_attention_mse():
             assert torch.equal(a, b), n
 
 
+def test_layerwise_on_student_inputs_trains_layer_0_as_before_and_later_layers_on_the_students_own_states():
+    """inputs="student": layer 0 sees what it saw before (nothing precedes it), so it trains to the same weights; the
+    inputs of layer 1 are what a whole forward of the student (layer 0 already trained) feeds its attention."""
+    from hf_attn_swap.train.layerwise import _StudentStack
+
+    teacher = tiny()
+    ids = data(8, 32)
+    a = swap_attention(copy.deepcopy(teacher), "mqa", strategy="mean")
+    b = swap_attention(copy.deepcopy(teacher), "mqa", strategy="mean")
+    layerwise_transfer(a, teacher, ids, steps=5, lr=1e-2, batch_rows=4)
+    res = layerwise_transfer(b, teacher, ids, steps=5, lr=1e-2, batch_rows=4, inputs="student")
+    sa, sb = attention_sites(a), attention_sites(b)
+    assert all(torch.equal(x, y) for x, y in zip(sa[0].module.parameters(), sb[0].module.parameters()))
+    assert not all(torch.equal(x, y) for x, y in zip(sa[1].module.parameters(), sb[1].module.parameters()))
+    assert [s.layer for s in res.layers] == [0, 1]
+    # the stack's inputs for layer 1 == a whole-model forward's, on the student as it is now
+    seen = []
+    h = sb[1].module.register_forward_pre_hook(lambda m, a_, k: seen.append(k["hidden_states"]), with_kwargs=True)
+    with torch.no_grad():
+        b(input_ids=ids, use_cache=False)
+    h.remove()
+    stack = _StudentStack(b, sb, list(ids.split(4)), 1)
+    torch.testing.assert_close(stack.inputs_of(1), seen[0].reshape(-1, *seen[0].shape[1:]), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="unknown layerwise inputs 'own'; allowed: teacher, student"):
+        layerwise_transfer(b, teacher, ids, steps=1, batch_rows=4, inputs="own")
+
+
 def test_layerwise_on_steps_sees_each_layer_at_the_start_every_k_steps_and_the_end():
     """The hook bench/layerwise_overfit.py draws its curves with: called under no_grad with the module being trained,
     and calling it changes nothing about the training."""

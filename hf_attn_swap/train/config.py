@@ -65,6 +65,10 @@ class UptrainConfig:
     layerwise_lr: float = opt(1e-3, gt=0, help="peak learning rate of the per-layer stage")
     layerwise_trainable: str = opt("attention", choices=LAYERWISE_TRAINABLE, help="what the per-layer stage trains")
     layerwise_rows: int = opt(4, min=1, help="rows of block_size tokens per per-layer step")
+    layerwise_inputs: str = opt("teacher", choices=("teacher", "student"), help=(
+        "what the per-layer stage trains each attention module on: the teacher module's inputs (layers independent) "
+        "or the student's own hidden states, layer by layer in order (each layer also corrects the earlier ones; "
+        "one process)"))
 
     # ---- stage 2: end-to-end
     lm_weight: float = opt(0.0, min=0, help="weight of the language-model loss")

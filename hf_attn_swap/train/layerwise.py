@@ -113,15 +113,16 @@ def _batches(ids: torch.Tensor, rows: int) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def capture_teacher(teacher: nn.Module, batches: list[torch.Tensor], layers: list[int], mixed_precision: str = "no"
-                    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def capture_teacher(teacher: nn.Module, batches: list[torch.Tensor], layers: list[int], mixed_precision: str = "no",
+                    keep_inputs: bool = True) -> tuple[list[torch.Tensor] | None, list[torch.Tensor]]:
     """Run the teacher and keep each selected attention module's input hidden states and output (float32).
 
     ``mixed_precision="bf16"`` runs the teacher's products in bfloat16 (:mod:`hf_attn_swap.train.precision`); what
     is kept is still stored in float32.
 
     Returns:
-        ``(inputs, outputs)``: one tensor ``(n_rows, L, E)`` per selected layer each.
+        ``(inputs, outputs)``: one tensor ``(n_rows, L, E)`` per selected layer each (``inputs`` None without
+        ``keep_inputs``).
     """
     sites = attention_sites(teacher)
     ins: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
@@ -133,7 +134,8 @@ def capture_teacher(teacher: nn.Module, batches: list[torch.Tensor], layers: lis
             y = output[0] if isinstance(output, tuple) else output
             if not isinstance(y, torch.Tensor):
                 raise ValueError(f"teacher attention layer {i} returned no output tensor to transfer")
-            ins[i].append(x.detach().float())
+            if keep_inputs:
+                ins[i].append(x.detach().float())
             outs[i].append(y.detach().float())
 
         handles.append(sites[i].module.register_forward_hook(hook, with_kwargs=True))
@@ -147,7 +149,53 @@ def capture_teacher(teacher: nn.Module, batches: list[torch.Tensor], layers: lis
         for h in handles:
             h.remove()
         teacher.train(was)
-    return [torch.cat(ins[i]) for i in layers], [torch.cat(outs[i]) for i in layers]
+    return ([torch.cat(ins[i]) for i in layers] if keep_inputs else None), [torch.cat(outs[i]) for i in layers]
+
+
+class _StudentStack:
+    """The student's own hidden states, advanced one decoder layer at a time (``inputs="student"``).
+
+    Layer ``i``'s attention module is trained on what the student's layers before it (already trained) feed it, so it
+    learns to correct their remaining error as well as its own: the same idea as ``refit``'s sequential output
+    regression (``hf_attn_swap.convert.refit``), by gradient steps.
+    """
+
+    def __init__(self, student: nn.Module, sites: list, batches: list[torch.Tensor], last: int) -> None:
+        from ..convert.calibrate import _capture_layer_inputs, decoder_layers
+
+        self.sites = sites
+        self.layers = decoder_layers(student, [s.module for s in sites])
+        if self.layers is None:
+            raise ValueError(f"layerwise inputs='student' runs the model one layer at a time; {type(student).__name__} "
+                             "has no layer list holding its attention modules one per layer: use inputs='teacher'")
+        self.states, self.calls = _capture_layer_inputs(student, self.layers, last, [{"input_ids": b} for b in batches],
+                                                        _device(student))
+        self.done = 0  # layers the states have been advanced through
+
+    @torch.no_grad()
+    def inputs_of(self, i: int) -> torch.Tensor:
+        """Attention module ``i``'s input on every row, from the student's layers ``< i`` as they are now."""
+        from ..convert.calibrate import _call_layer
+
+        for j in range(self.done, i):
+            self.states = [_call_layer(self.layers[j], h, c[j]) for h, c in zip(self.states, self.calls)]
+        self.done = i
+        got: list[torch.Tensor] = []
+
+        def grab(_m, args, kwargs):
+            got.append(kwargs.get("hidden_states", args[0] if args else None).detach().float())
+            raise _Stop
+
+        h = self.sites[i].module.register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            for hidden, c in zip(self.states, self.calls):
+                try:
+                    _call_layer(self.layers[i], hidden, c[i])
+                except _Stop:
+                    pass
+        finally:
+            h.remove()
+        return torch.cat(got)
 
 
 @torch.no_grad()
@@ -203,6 +251,7 @@ def layerwise_transfer(
     on_steps: Callable[[int, int, nn.Module], None] | None = None,
     on_steps_every: int = 10,
     mixed_precision: str = "no",
+    inputs: str = "teacher",
 ) -> LayerwiseResult:
     """Train each student attention module to reproduce the teacher module's output on the teacher's inputs.
 
@@ -224,6 +273,9 @@ def layerwise_transfer(
         on_steps_every: steps between two ``on_steps`` calls.
         mixed_precision: ``bf16`` runs the teacher capture and each training step's forward in bfloat16 under
             autocast (parameters and Adam state stay float32); the before/after errors are measured in float32.
+        inputs: what each module is trained on: ``teacher`` (the teacher module's inputs: layers independent) or
+            ``student`` (the student's own hidden states after its layers before this one were trained, layer by
+            layer in order: each layer also learns to undo what the earlier ones still get wrong; one process).
 
     Returns:
         Per-layer attention-output MSE before and after.
@@ -248,9 +300,12 @@ def layerwise_transfer(
     params_per_layer = [module_parameters(sites[i].module, trainable, adapter.k, adapter.v) for i in idx]
     if not any(params_per_layer):
         raise ValueError(f"nothing to train: trainable={trainable!r} selects no parameter in the attention modules")
-    xs, ys = capture_teacher(teacher, batches, idx, mixed_precision)
+    if inputs not in ("teacher", "student"):
+        raise ValueError(f"unknown layerwise inputs {inputs!r}; allowed: teacher, student")
+    xs, ys = capture_teacher(teacher, batches, idx, mixed_precision, keep_inputs=inputs == "teacher")
+    stack = _StudentStack(student, sites, batches, max(idx)) if inputs == "student" else None
     kwargs = module_kwargs(student, batches[0])
-    n_rows = xs[0].shape[0]
+    n_rows = ys[0].shape[0]
     result = LayerwiseResult(tokens=int(n_rows * calibration.shape[1]), steps_per_layer=steps)
     all_params = [p for p in student.parameters()]
     saved_flags = [p.requires_grad for p in all_params]
@@ -262,7 +317,7 @@ def layerwise_transfer(
             p.requires_grad_(False)
         for j, (i, params) in enumerate(zip(idx, params_per_layer)):
             module = sites[i].module
-            x_all, y_all = xs[j], ys[j]
+            x_all, y_all = (xs[j] if stack is None else stack.inputs_of(i)), ys[j]
             scale = float(y_all.pow(2).mean().clamp_min(1e-30))
             probe = slice(0, batch_rows)
             with torch.no_grad():
@@ -297,7 +352,9 @@ def layerwise_transfer(
                         before / scale, after / scale)
             bar.update(1)
             bar.set_postfix(rel=f"{before / scale:.3f}->{after / scale:.3f}")
-            xs[j] = ys[j] = None  # free as we go
+            ys[j] = None  # free as we go
+            if xs is not None:
+                xs[j] = None
     finally:
         for p, flag in zip(all_params, saved_flags):
             p.requires_grad_(flag)

@@ -323,6 +323,10 @@ class LayerwiseStage(Stage):
         if not run.layerwise_ids.numel():
             return
         layers = check_transferable(run.student, run.teacher)
+        if cfg.layerwise_inputs == "student" and ctx.distributed:
+            raise ValueError("layerwise_inputs='student' trains the layers one after another on the student's own "
+                             "hidden states, which one process does; run it without accelerate launch, or use "
+                             "layerwise_inputs='teacher'")
         mine = ctx.owned_layers(layers)
         run.student.to(ctx.device)
         run.teacher.to(ctx.device)
@@ -333,7 +337,7 @@ class LayerwiseStage(Stage):
                                            trainable=cfg.layerwise_trainable, steps=cfg.layerwise_steps,
                                            lr=cfg.layerwise_lr, batch_rows=cfg.layerwise_rows, seed=cfg.seed,
                                            progress=cfg.progress and ctx.is_main,
-                                           mixed_precision=cfg.mixed_precision)
+                                           mixed_precision=cfg.mixed_precision, inputs=cfg.layerwise_inputs)
             except Exception as err:
                 if not ctx.distributed:
                     raise
