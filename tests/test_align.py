@@ -318,7 +318,7 @@ def test_align_without_calibration_is_one_clear_error():
 def test_unknown_strategy_lists_align():
     model = tiny("llama")
     before = _state(model)
-    with pytest.raises(ValueError, match="allowed: mean, first, random, fit, align$"):
+    with pytest.raises(ValueError, match="allowed: mean, first, random, fit, align, refit$"):
         swap_attention(model, "mqa", strategy="procrustes", calibration=CALIB)
     _assert_unchanged(model, before)
 

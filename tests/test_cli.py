@@ -21,7 +21,7 @@ def test_variants_lists_every_variant_with_options(capsys):
     for name in ("gqa", "mqa", "sliding_window", "linear", "flash", "sparse"):
         assert name in out
     assert "groups (int, default 1)" in out
-    assert 'strategy (str, default "mean"; one of: mean, first, random, fit, align)' in out
+    assert 'strategy (str, default "mean"; one of: mean, first, random, fit, align, refit)' in out
 
 
 @pytest.fixture()

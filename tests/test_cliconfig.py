@@ -259,7 +259,7 @@ def test_eval_unknown_variant_fails_before_any_model_loads(tmp_path, monkeypatch
 def test_variants_lists_types_defaults_and_allowed_values(capsys):
     assert main(["variants"]) == 0
     out = capsys.readouterr().out
-    assert "strategy (str, default \"mean\"; one of: mean, first, random, fit, align)" in out
+    assert "strategy (str, default \"mean\"; one of: mean, first, random, fit, align, refit)" in out
     assert "window (int, default 4096): visible tokens including the current one" in out
     assert "kernel (str, default \"auto\"; one of: auto, torch, fla)" in out
     assert main(["variants", "--name", "flash", "--json"]) == 0
