@@ -237,9 +237,9 @@ def convert_gqa(model: torch.nn.Module, config: GQAConfig | MQAConfig, layers: l
     chosen = [sites[i] for i in layers]
     gen = torch.Generator().manual_seed(int(getattr(config, "seed", 0)))
 
-    def new_block(site, cov: torch.Tensor | None, value_cov: torch.Tensor | None = None) -> dict | None:
+    def new_block(site, cov: torch.Tensor | None) -> dict | None:
         """Phase 1 for one module: its new parameters (in the model's dtype, on its device), or None if unchanged."""
-        new = new_projections(site, cov, value_cov)
+        new = new_projections(site, cov, None)
         return None if new is None else build_new_modules(site, adapter, new)
 
     def refit_blocks(site, cov: torch.Tensor, value_cov: torch.Tensor) -> tuple[dict, dict] | None:
