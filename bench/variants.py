@@ -276,6 +276,8 @@ def main(argv: list[str] | None = None) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     results["provenance"] = provenance(argv=["bench/variants.py", *argv] if argv is not None else None)
     results["command"] = results["provenance"]["command"]
+    # kernel timings on tensors, no checkpoint: say so, as the provenance's empty "models" alone does not
+    results["weights"] = "none: seeded random queries and K/V (torch.Generator seed 0) in each timed shape"
     out.with_suffix(".json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     out.with_suffix(".md").write_text(f"<!-- generated: {out.name}.json {RENDERER} -->\n{markdown(results)}"
                                       "<!-- end generated -->\n")

@@ -42,6 +42,7 @@ from torch import nn
 from ..progress import progress
 from .calibrate import (
     _as_batches,
+    _Moments,
     _call_layer,
     _capture_layer_inputs,
     _resolve_compute_dtype,
@@ -128,12 +129,13 @@ class _Teacher:
     output projection's output per batch (the regression's targets)."""
 
     def __init__(self, module: nn.Module, out_proj: nn.Module) -> None:
-        self.cov: torch.Tensor | None = None
+        self.moments = _Moments(1)  # E[x x^T] exactly as fit's calibration accumulates it
         self.mixed: torch.Tensor | None = None
         self.targets: list[torch.Tensor] = []
         self.keep: torch.Tensor | None = None
         self._x: torch.Tensor | None = None
         self.handles = [
+            module.register_forward_pre_hook(self.moments.hook(0), with_kwargs=True),
             module.register_forward_pre_hook(self._pre, with_kwargs=True),
             module.register_forward_hook(self._post),
             out_proj.register_forward_hook(self._target),
@@ -146,12 +148,7 @@ class _Teacher:
         probs = output[1] if isinstance(output, tuple) and len(output) > 1 else None
         if not isinstance(probs, torch.Tensor) or probs.dim() != 4:
             raise ValueError("strategy 'refit': the attention module returned no probabilities under eager attention")
-        x = self._x
-        flat = _augment(x.reshape(-1, x.shape[-1]).double())
-        if self.keep is not None:
-            flat = flat[self.keep.to(flat.device)]
-        c, m = flat.mT @ flat, mixed_second_moment(x, probs, self.keep)
-        self.cov = c if self.cov is None else self.cov + c
+        m = mixed_second_moment(self._x, probs, self.keep)
         self.mixed = m if self.mixed is None else self.mixed + m
         self._x = None
 
@@ -269,14 +266,14 @@ def refit_layers(
                     with _RunIn(layers[j], run_dtype):
                         for b in range(len(batches)):
                             if teacher is not None:
-                                teacher.keep = keeps[b]
+                                teacher.keep = teacher.moments.mask = keeps[b]
                             states[b] = _call_layer(layers[j], states[b], rests[b])
                 finally:
                     if teacher is not None:
                         teacher.remove()
                 blocks = None
                 if teacher is not None:
-                    blocks = fit_block(i, teacher.cov / tokens, teacher.mixed / tokens)
+                    blocks = fit_block(i, teacher.moments.take(0, tokens), teacher.mixed / tokens)
                 if blocks is not None:
                     block, run = blocks
                     out_proj, transposed = out_projs[i]
