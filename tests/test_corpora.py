@@ -22,12 +22,12 @@ from hf_attn_swap import corpus_formats, data
 from hf_attn_swap.fetch import FetchError
 
 OFFLINE = sorted(n for n, c in data.CORPORA.items() if c.registry != "hub")
-NEW = ["austen", "python-docs", "jargon", "devils-dictionary"]
+NEW = ["austen", "python-docs", "jargon", "devils-dictionary", "moby-dick"]
 
 #: Characters each corpus holds at least (the sizes the README claims, rounded down).
 MIN_CHARS = {
     "shakespeare": 5_000_000, "kjv": 4_100_000, "sotu": 10_700_000, "austen": 4_000_000,
-    "python-docs": 300_000, "jargon": 1_350_000, "devils-dictionary": 360_000,
+    "python-docs": 300_000, "jargon": 1_350_000, "devils-dictionary": 360_000, "moby-dick": 1_180_000,
 }
 
 #: Text that must not survive a corpus's reader: markup, indexes, licence and file headers.
@@ -42,6 +42,8 @@ FORBIDDEN = {
     # {cross-reference} braces, :headword: colons, box-drawing tables, tables of contents, bibliography, version banner
     "jargon": [r"\{[A-Za-z][^{}\n]*\}", r"^:\S", r"[\u2500-\u257f]", r"Table of Contents", r"\[Hofstadter\]",
                r"version 4\.4\.7", r"^Glossary$"],
+    # the package's JSON twins of each chapter and its whole-book data.txt (read twice, the text would straddle the split)
+    "moby-dick": [r"Gutenberg", r"http", r"<", r'"text":', r"^CONTENTS$"],
     # dictfmt's database entries, the e-text banner, italics underscores, {cross-references}
     "devils-dictionary": [r"00-?database", r"(?i)wiretap", r"Copyright", r"_", r"\{", r"abcdefghijklmnopqrstuvwxyz"],
 }
@@ -126,6 +128,9 @@ def test_new_corpora_read_what_they_claim():
     assert devil[0].startswith("The Devil's Dictionary was begun in a weekly paper in 1881")
     assert devil[1].startswith("ABASEMENT, n.") and devil[-1].startswith("ZANY, n.")
     assert len(devil) == 1 + 26 - 1  # no X entries
+    moby = data.load_documents("moby-dick")
+    assert len(moby) == 135 and sum(d.startswith("CHAPTER 1. Loomings.\n\nCall me Ishmael.") for d in moby) == 1
+    assert sum("CHAPTER 135. The Chase.—Third Day." in d for d in moby) == 1
 
 
 # ---------------------------------------------------------------------------------- domains

@@ -46,8 +46,8 @@ class PerplexitySection:
     """Perplexity: strided windows over the first max_tokens tokens of the corpus split."""
 
     corpus: str = opt("shakespeare", aliases=("corpus",), help=(
-        "corpus name (shakespeare, kjv, sotu, austen, python-docs, jargon, devils-dictionary; wikitext-2 where the "
-        "Hub answers) or a local .txt file / directory"))
+        "corpus name (shakespeare, kjv, sotu, austen, moby-dick, python-docs, jargon, devils-dictionary; wikitext-2 "
+        "where the Hub answers) or a local .txt file / directory"))
     split: str = opt("validation", choices=("validation", "train", "all"), aliases=("split",),
                      help="corpus split scored for perplexity")
     max_tokens: int | None = opt(4096, min=2, aliases=("max_tokens",), help="tokens evaluated (null = whole split)")
