@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hf_attn_swap.reference import reference_attention
-from hf_attn_swap.variants import band_cpu
+from hf_attn_swap.variants import band_cpu, decode_op
 from hf_attn_swap.variants.gqa import grouped_attention
 
 TOL = 2e-5
@@ -227,3 +227,160 @@ def test_step_profile_counts_the_kernel_as_attention():
     q, k = torch.randn(2, 9, 1, 64), torch.randn(2, 1, 2048, 64)
     split = profile_step(lambda: band_cpu.decode_attention(q, k, k, scale=0.125), steps=2)
     assert split["attention"] > 0.5 * split["wall"], split
+
+
+# --- the kernel as a torch operator (variants/decode_op.py), and compiled decode steps through it -------------------
+
+_OP = torch.ops.hf_attn_swap.decode_attention.default  # registered by importing decode_op
+assert decode_op.OP_NAME == "hf_attn_swap::decode_attention" == band_cpu.PROFILE_NAME  # the name step_profile counts
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """Compiled tests start and end with dynamo's caches empty (their functions share code objects, and the
+    recompile limit would otherwise be reached across parameters)."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Counts of the kernel's entries: "op" (band_cpu.decode_attention, which only the operator calls on the decode
+    path) and "kernel" (decode_attention_unchecked, which every route into the C kernel ends in)."""
+    calls = {"op": 0, "kernel": 0}
+    checked, unchecked = band_cpu.decode_attention, band_cpu.decode_attention_unchecked
+
+    def count(name, fn):
+        def counted(*a, **kw):
+            calls[name] += 1
+            return fn(*a, **kw)
+        return counted
+
+    monkeypatch.setattr(band_cpu, "decode_attention", count("op", checked))
+    monkeypatch.setattr(band_cpu, "decode_attention_unchecked", count("kernel", unchecked))
+    return calls
+
+
+@pytest.mark.parametrize("masking", ["none", "per_sequence", "shared"])
+def test_operator_matches_reference(masking):
+    """torch.ops.hf_attn_swap.decode_attention gives the kernel's result bit for bit (the reference's to TOL), passes
+    torch's own operator checks (schema, fake tensor vs real output, no autograd registered by mistake), and takes a
+    K/V whose last dimension a compiled graph might hand over strided."""
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(2, 9, 1, 64, generator=g)
+    k = torch.randn(2, 1, 64, 90, generator=g).transpose(-1, -2)  # (2, 1, 90, 64), last dimension strided
+    v = torch.randn(2, 1, 90, 64, generator=g)
+    valid = None
+    if masking != "none":
+        valid = torch.rand(2 if masking == "per_sequence" else 1, 90, generator=g) > 0.4
+        valid[:, -1] = True
+    out = _OP(q, k, v, 0.125, valid)
+    assert out.shape == (2, 1, 9, 64) and out.is_contiguous()
+    assert torch.equal(out, band_cpu.decode_attention_unchecked(q, k.contiguous(), v, 0.125, valid))
+    assert torch.allclose(out, _reference(q, k, v, valid, 0.125), atol=TOL)
+    result = torch.library.opcheck(_OP, (q, k.contiguous(), v, 0.125, valid))
+    assert set(result.values()) == {"SUCCESS"}, result
+
+
+def test_operator_is_fp32_only():
+    """The kernel computes in fp32 only: the operator refuses bf16 (grouped_attention never sends it there, see
+    test_compiled_bf16_decode_step_takes_sdpa) rather than reading its bytes as floats."""
+    q, k = torch.randn(1, 4, 1, 64, dtype=torch.bfloat16), torch.randn(1, 2, 10, 64, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="CPU float32"):
+        _OP(q, k, k, 0.125, None)
+
+
+def _grouped(q, k, v, mask):
+    return grouped_attention(_Module(), q, k, v, mask, scaling=0.125)[0]
+
+
+def _padding_mask(b, n):
+    """SDPA's bool (b, 1, 1, n) decode mask: the first sequence left-padded by a third of the cache."""
+    mask = torch.ones(b, 1, 1, n, dtype=torch.bool)
+    mask[0, ..., : n // 3] = False
+    return mask
+
+
+@pytest.mark.parametrize("h,h_kv", [(8, 2), (9, 1)], ids=["gqa", "mqa"])
+@pytest.mark.parametrize("padded", [False, True], ids=["no_mask", "padding_mask"])
+def test_compiled_decode_step_takes_the_operator(fresh_dynamo, kernel_calls, h, h_kv, padded):
+    """A one-token decode step through grouped_attention compiles into one graph (fullgraph=True raises on a break),
+    the compiled graph calls the kernel through its operator once per call, and the result is the eager one, which
+    calls the kernel directly."""
+    q, k, v, _ = _decode_step(torch.float32, b=2, h=h, h_kv=h_kv, n=70)
+    mask = _padding_mask(2, 70) if padded else None
+    with torch.no_grad():
+        eager = _grouped(q, k, v, mask)
+        assert kernel_calls == {"op": 0, "kernel": 1}
+        compiled = torch.compile(_grouped, fullgraph=True)
+        compiled(q, k, v, mask)  # compiles (tracing runs the fake implementation), then runs the graph
+        kernel_calls.update(op=0, kernel=0)
+        out = compiled(q, k, v, mask)
+    assert kernel_calls == {"op": 1, "kernel": 1}
+    assert torch.equal(out, eager)
+    assert torch.allclose(out, reference_attention(q, k, v, mask, scaling=0.125, is_causal=True), atol=TOL)
+
+
+def test_compiled_decode_step_recompiles_for_off(fresh_dynamo, kernel_calls):
+    """band_cpu.off() is guarded on, not baked into the graph: inside it the compiled step recompiles to SDPA."""
+    q, k, v, _ = _decode_step(torch.float32, n=70)
+    compiled = torch.compile(_grouped, fullgraph=True)
+    with torch.no_grad():
+        fast = compiled(q, k, v, None)
+        assert kernel_calls["op"] == 1
+        with band_cpu.off():
+            slow = compiled(q, k, v, None)
+    assert kernel_calls["op"] == 1
+    assert torch.allclose(fast, slow, atol=TOL)
+
+
+def test_compiled_bf16_decode_step_takes_sdpa(fresh_dynamo, kernel_calls):
+    """bf16 is not the kernel's: the compiled step folds the group into SDPA, with a padding mask and without a break
+    (the eager path's additive-mask conversion branches on mask values and is skipped while compiling)."""
+    q, k, v, _ = _decode_step(torch.bfloat16, n=70)
+    mask = _padding_mask(2, 70)
+    with torch.no_grad():
+        out = torch.compile(_grouped, fullgraph=True)(q, k, v, mask)
+    assert kernel_calls == {"op": 0, "kernel": 0}
+    ref = reference_attention(q.float(), k.float(), v.float(), mask, scaling=0.125, is_causal=True)
+    assert torch.allclose(out.float(), ref, atol=2e-2), (out.float() - ref).abs().max()
+
+
+def test_compiled_static_cache_decode_takes_the_operator(fresh_dynamo, kernel_calls):
+    """A tiny llama (head dim 64) converted to MQA, left-padded, decoding from a static cache with its forward compiled
+    as eval/speed.py compiles it (plus fullgraph=True): every layer of every step calls the operator, and the logits are
+    the eager forward's."""
+    import transformers as tf
+    from transformers.cache_utils import StaticCache
+
+    from hf_attn_swap import swap_attention
+    from hf_attn_swap.hf_compat import cache_kwarg
+
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=64, pad_token_id=0)
+    model = tf.LlamaForCausalLM(config).eval()
+    swap_attention(model, "mqa", strategy="mean")
+    ids = torch.tensor([[0, 0, 5, 6, 7], [3, 4, 5, 6, 7]])
+    name = cache_kwarg(model)
+
+    def decode(forward, steps=3):
+        cache = StaticCache(config=config, max_cache_len=16)
+        mask = (ids != 0).long()
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True, **{name: cache})
+        logits = []
+        for i in range(steps):
+            mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+            nxt = out.logits[:, -1:].argmax(-1)
+            out = forward(input_ids=nxt, attention_mask=mask, use_cache=True, **{name: cache},
+                          cache_position=torch.tensor([ids.shape[1] + i]))
+            logits.append(out.logits)
+        return torch.cat(logits, 1)
+
+    with torch.no_grad():
+        eager = decode(model)
+        kernel_calls.update(op=0, kernel=0)
+        compiled = decode(torch.compile(model, dynamic=False, fullgraph=True))
+    assert kernel_calls["op"] == 2 * 3  # two layers, three steps
+    assert torch.allclose(compiled, eager, atol=1e-5), (compiled - eager).abs().max()

@@ -322,13 +322,16 @@ def available() -> bool:
 def usable(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
     """Whether :func:`band_attention` can take these tensors: CPU fp32, head dim a multiple of 16, last dimension
     contiguous, and no autograd (the kernel has no backward)."""
+    return _tensors_fit(query, key, value) and not _off and available()
+
+
+def _tensors_fit(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
+    """:func:`usable`'s checks on the tensors alone (what torch.compile can trace and guard on)."""
     tensors = (query, key, value)
     return (
         all(t.device.type == "cpu" and t.dtype == torch.float32 and t.stride(-1) == 1 for t in tensors)
         and query.shape[-1] % 16 == 0
         and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-        and not _off
-        and available()
     )
 
 
@@ -421,9 +424,17 @@ def decode_usable(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -
     return (
         query.dim() == 4 and query.shape[2] == 1 and key.shape[2] >= 1
         and query.shape[1] % key.shape[1] == 0 and query.shape[1] // key.shape[1] <= DECODE_MAX_GROUP
-        and usable(query, key, value)
-        and decode_available(query.shape[-1])
+        and _tensors_fit(query, key, value)
+        and not _off  # a module global: torch.compile guards on it, so off() recompiles rather than being ignored
+        and _decode_runs(query.shape[-1])
     )
+
+
+@torch.compiler.assume_constant_result
+def _decode_runs(head_dim: int) -> bool:
+    """:func:`decode_available` as torch.compile sees it: a constant of the process, evaluated while tracing. Tracing
+    into it instead would break the graph (the lru_cache'd build, /proc/cpuinfo, the ctypes load)."""
+    return decode_available(head_dim)
 
 
 def decode_attention(

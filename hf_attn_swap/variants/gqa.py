@@ -5,7 +5,8 @@ attention function reads each KV head once for all of its query heads: at decode
 length (one ``(G*q, kv)`` problem per KV head); in prefill SDPA's ``enable_gqa`` is used. Neither copies K/V, so the
 smaller cache also means fewer bytes read per decoded token, which is where GQA's speed-up lives. On x86-64 CPUs
 (AVX-512, else AVX2) a one-token decode step in fp32 inference takes the streaming decode kernel of
-:mod:`.band_cpu` instead, which reads K and V at about the rate memory allows (SDPA reads them at about 60% of it).
+:mod:`.band_cpu` instead, which reads K and V at about the rate memory allows (SDPA reads them at about 60% of it);
+under torch.compile too, as the operator :mod:`.decode_op` registers.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from ..convert.projections import build_new_modules, commit, find_attention, rea
 from ..convert.refit import refit_layers
 from ..reference import causal_bool_mask, reference_attention
 from ..registry import register_variant
-from . import band_cpu
+from . import band_cpu, decode_op
 from ._common import grouped_kv
 
 logger = logging.getLogger(__name__)
@@ -172,13 +173,18 @@ def grouped_attention(
     mask = attention_mask
     if mask is not None and mask.dtype != torch.bool:
         mask = mask[..., -kv_len:]
-    # One token per sequence in inference (a decode step): the streaming kernel, where it runs. Not while compiling:
-    # a ctypes call would break the graph at every layer.
-    if q_len == 1 and not dropout and not torch.compiler.is_compiling() and band_cpu.decode_usable(query, key, value):
+    # One token per sequence in inference (a decode step): the streaming kernel, where it runs. Both checks read only
+    # shapes, dtypes, strides and flags (no mask values), so torch.compile traces them into guards. Compiled, the kernel
+    # is called as the operator decode_op registers (a ctypes call would break the graph at every layer); eager, it is
+    # called directly: the operator's dispatch and input checks add ~13 us a call, twice the kernel's time at short
+    # contexts (20.6 against 7.0 us at 16 cached tokens, one thread).
+    if q_len == 1 and not dropout and band_cpu.decode_usable(query, key, value):
         valid = _decode_key_valid(mask, b, kv_len)
         if valid is not False:
-            return band_cpu.decode_attention_unchecked(query, key, value, d**-0.5 if scaling is None else scaling,
-                                                       valid), None
+            scale = d**-0.5 if scaling is None else scaling
+            if torch.compiler.is_compiling():
+                return decode_op.decode_attention(query, key, value, scale, valid), None
+            return band_cpu.decode_attention_unchecked(query, key, value, scale, valid), None
     causal_flag = False
     if mask is None and is_causal and q_len > 1:
         if q_len == kv_len:
@@ -190,8 +196,10 @@ def grouped_attention(
         if causal_flag:
             mask = causal_bool_mask(q_len, kv_len, query.device)[None, None]
             causal_flag = False
+        # Not while compiling: _additive_mask branches on the mask's values (a graph break under fullgraph) and
+        # reuses its result by tensor identity; the compiled graph hands SDPA the boolean mask, which means the same.
         if mask is not None and mask.dtype == torch.bool and query.device.type == "cpu" \
-                and group * q_len <= ADDITIVE_MASK_MAX_ROWS:
+                and group * q_len <= ADDITIVE_MASK_MAX_ROWS and not torch.compiler.is_compiling():
             mask = _additive_mask(mask, query.dtype)  # before the fold's expand: converted once, not per head
         q_f = query.reshape(b, h_kv, group * q_len, d)
         if mask is not None:
@@ -211,7 +219,8 @@ def grouped_attention(
 def _decode_key_valid(mask: torch.Tensor | None, batch: int, kv_len: int) -> torch.Tensor | None | bool:
     """The decode kernel's view of a one-query SDPA mask: None (every key), a bool ``(b or 1, kv)`` row per sequence,
     or False where the kernel cannot express it (per-head or additive masks). A sequence that sees no key gets zeros
-    there, as from torch's SDPA."""
+    there, as from torch's SDPA. Only the mask's dtype and shape decide (never its values), so under torch.compile the
+    choice is a guard and the mask rows go into the kernel's operator as a tensor."""
     if mask is None:
         return None
     if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != 1 \
