@@ -325,7 +325,7 @@ def write_md(path: Path, data: dict) -> None:
     for s in data["speedups"]:
         lines.append(f"| {s['cache']} | {s['variant']} | {s['context']} | {s['batch']} | {s['measured_speedup']:.2f}x | "
                      f"{s['predicted_speedup']:.2f}x | {s['ratio']:.2f} |")
-    lines += ["", "## Where a step's time goes (ms, torch.profiler)", "",
+    lines += ["", "## Where a step's time goes (ms, torch.profiler; eager steps, also in a --compile run)", "",
               "| cache | variant | context | batch | wall | matmul | attention | cache copy | K/V copy | other ops | "
               "Python |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in data["profile"]:
@@ -419,7 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dynamic-full-max", type=int, default=8192, help="largest context at which full-attention "
                     "variants are timed with the DynamicCache (its per-step torch.cat dominates beyond; the static "
                     "cache times them at every context)")
-    ap.add_argument("--compile", action="store_true", help="torch.compile the static-cache step")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the static-cache step (on a CPU with "
+                    "inductor freezing); the profiled steps stay eager")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import types
 
 import pytest
 import torch
@@ -180,6 +181,36 @@ def test_round_robin_speed_survives_a_failing_model(mha):
     for name in ("a", "b"):
         assert res[name]["prefill"][0]["n"] == 2 and res[name]["decode"][0]["n"] == 3
     assert res["b"]["decode"][0]["kv_bytes"] == res["a"]["decode"][0]["kv_bytes"] // 8  # 8 -> 1 KV heads
+
+
+def test_compiled_static_decode_is_timed_frozen_and_steps_like_eager(mha, monkeypatch):
+    """compare_speed(compile=True): every model's static-cache step goes through torch.compile with inductor's freezing
+    on a CPU (weights as prepacked constants), and the compiled step decodes the same tokens as the eager model."""
+    from hf_attn_swap.eval import speed
+
+    seen, real = [], torch.compile
+
+    def recording(model, **kw):
+        seen.append(kw.get("options"))
+        compiled = real(model, **kw)
+
+        def step(**inputs):  # the compiled step against the eager one, from copies of the same cache
+            eager_cache = copy.deepcopy(inputs[cache_kwarg(model)])
+            want = model(**{**inputs, cache_kwarg(model): eager_cache}).logits
+            got = compiled(**inputs).logits
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+            return types.SimpleNamespace(logits=got)
+
+        return step
+
+    monkeypatch.setattr(torch, "compile", recording)
+    models = {"a": mha, "mqa": swap_attention(copy.deepcopy(mha), "mqa")}
+    with num_threads(1):
+        res, errors = speed.compare_speed(models, prefill_lengths=[], decode_contexts=[16], decode_batch_sizes=[2],
+                                          steps=2, decode_warmup=1, fill="random", cache="static", compile=True)
+    assert not errors, errors
+    assert seen == [{"freezing": True}] * 2
+    assert all(res[k]["decode"][0]["compiled"] and res[k]["decode"][0]["n"] == 2 for k in models)
 
 
 def test_hybrid_cache_is_window_plus_state(mha):
