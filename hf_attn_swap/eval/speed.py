@@ -19,6 +19,7 @@ thread count (:func:`environment`). On a shared or small CPU, use one thread (:f
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import logging
 import platform
@@ -349,7 +350,11 @@ def compare_speed(
         # Inductor's config is set around every call: graphs compile at their first call, and
         # torch.compile(options={"freezing": True}) does not reach the freezing pass (measured: no speed-up).
         forwards = {name: torch.compile(m, dynamic=False) for name, m in models.items()}
-    frozen = (lambda: torch._inductor.config.patch(freezing=True)) if compile and device.type == "cpu" else contextlib.nullcontext
+    frozen = contextlib.nullcontext
+    if compile and device.type == "cpu":
+        import torch._inductor.config as inductor_config  # not an attribute of torch until something imports it
+
+        frozen = functools.partial(inductor_config.patch, freezing=True)
     for c in decode_contexts:
         for b in decode_batch_sizes:
             ids = _ids(first, int(b), int(c), input_ids) if fill == "prefill" else None  # random: no prompt at all
