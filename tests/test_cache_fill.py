@@ -161,6 +161,23 @@ def test_step_profile_sorts_time_into_arithmetic_copies_and_python():
         assert sum(p[k] for k in p if k != "wall") == pytest.approx(p["wall"], rel=0.02) or p["python"] == 0
 
 
+@torch.no_grad()
+def test_compiled_step_profile_finds_the_frozen_matmuls_and_the_decode_operator():
+    """The compiled step speed_at_scale --compile times, profiled: freezing's prepacked GEMMs count as matmul and the
+    decode operator (where the kernel runs here) as attention, not as the compiled graph's other work."""
+    from hf_attn_swap.variants import band_cpu
+
+    model = swap_attention(tiny("llama"), "mqa")
+    with pytest.raises(ValueError, match="needs static"):
+        profile_decode_step(model, 64, 2, compile=True)
+    prof = profile_decode_step(model, 256, 2, steps=2, static=True, compile=True)
+    assert prof["matmul"] > 0
+    head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
+    if band_cpu.decode_available(head_dim):
+        assert prof["attention"] > 0
+    assert sum(prof[k] for k in prof if k != "wall") == pytest.approx(prof["wall"], rel=0.02) or prof["python"] == 0
+
+
 @pytest.mark.parametrize("name, opts", [("sliding_window", {"window": 4}), ("linear", {"window": 3}),
                                         ("sparse", {})], ids=["window", "hybrid", "sparse"])
 @torch.no_grad()

@@ -19,7 +19,6 @@ thread count (:func:`environment`). On a shared or small CPU, use one thread (:f
 from __future__ import annotations
 
 import contextlib
-import functools
 import gc
 import logging
 import platform
@@ -341,20 +340,8 @@ def compare_speed(
                                              "tokens_per_s": prefill_batch * n_tok / (t.median_ms / 1e3)})
 
     cache_names = {name: cache_kwarg(m) for name, m in models.items()}  # not inside the timed step
-    forwards: dict[str, Callable[..., Any]] = {name: m for name, m in models.items()}
-    if compile:
-        # On a CPU, inductor's freezing: the weights become constants of the graph, which it prepacks for the CPU GEMM
-        # (a decode step's matmuls are (batch x hidden) by a whole weight matrix, where the unpacked GEMM streams the
-        # weights at about half the memory rate: SmolLM2 MQA at 8k x 8, one thread: 213 -> 181 ms a step). Sound here:
-        # the timed models only run inference. Costs a packed copy of the weights while the compiled model lives.
-        # Inductor's config is set around every call: graphs compile at their first call, and
-        # torch.compile(options={"freezing": True}) does not reach the freezing pass (measured: no speed-up).
-        forwards = {name: torch.compile(m, dynamic=False) for name, m in models.items()}
-    frozen = contextlib.nullcontext
-    if compile and device.type == "cpu":
-        import torch._inductor.config as inductor_config  # not an attribute of torch until something imports it
-
-        frozen = functools.partial(inductor_config.patch, freezing=True)
+    forwards: dict[str, Callable[..., Any]] = {
+        name: compiled_forward(m) if compile else m for name, m in models.items()}
     for c in decode_contexts:
         for b in decode_batch_sizes:
             ids = _ids(first, int(b), int(c), input_ids) if fill == "prefill" else None  # random: no prompt at all
@@ -372,8 +359,7 @@ def compare_speed(
 
             def step(name: str) -> None:
                 cache, nxt = state[name]
-                with frozen():
-                    logits = forwards[name](input_ids=nxt, **{cache_names[name]: cache}, use_cache=True).logits
+                logits = forwards[name](input_ids=nxt, **{cache_names[name]: cache}, use_cache=True).logits
                 state[name][1] = logits[:, -1].argmax(-1, keepdim=True)
 
             for name in alive(names):
@@ -410,6 +396,28 @@ def compare_speed(
             gc.collect()
     bar.close()
     return results, errors
+
+
+def compiled_forward(model: nn.Module) -> Callable[..., Any]:
+    """``torch.compile(model, dynamic=False)``; on a CPU every call runs under inductor's ``freezing``.
+
+    Freezing makes the weights constants of the graph, which inductor prepacks for the CPU GEMM: a decode step's
+    matmuls are (batch x hidden) by a whole weight matrix, where the unpacked GEMM streams the weights at about half
+    the memory rate (SmolLM2 MQA at 8k x 8, one thread: 213 -> 181 ms a step). Sound for what calls this: timed or
+    profiled inference, never training. Costs a packed copy of the weights while the compiled model lives. The config
+    is set around every call because graphs compile at their first call (and again on a recompile), and
+    ``torch.compile(options={"freezing": True})`` does not reach the freezing pass (measured: no speed-up).
+    """
+    forward = torch.compile(model, dynamic=False)
+    if _device(model).type != "cpu":
+        return forward
+    import torch._inductor.config as inductor_config  # not an attribute of torch until something imports it
+
+    def frozen(*args: Any, **kwargs: Any) -> Any:
+        with inductor_config.patch(freezing=True):
+            return forward(*args, **kwargs)
+
+    return frozen
 
 
 def _one(model: nn.Module, **kw: Any) -> dict[str, list[dict[str, Any]]]:
@@ -479,4 +487,4 @@ def decode_throughput(
                 input_ids=input_ids, fill=fill, cache=cache, compile=compile)["decode"]
 
 
-__all__ = ["Timing", "available_memory", "check_cache_fits", "compare_speed", "decode_throughput", "environment", "num_threads", "prefill_latency", "time_fn"]
+__all__ = ["Timing", "available_memory", "check_cache_fits", "compare_speed", "compiled_forward", "decode_throughput", "environment", "num_threads", "prefill_latency", "time_fn"]

@@ -12,6 +12,11 @@
 * ``other_ops``: every other operator (norms, RoPE, activations, masks, argmax);
 * ``python``: the step's wall time minus all operator time, i.e. Python and dispatch between operators.
 
+A compiled step (``compile=True``, :func:`hf_attn_swap.eval.speed.compiled_forward`) is sorted the same way: its
+matmuls are the prepacked GEMMs freezing leaves (``mkl::_mkl_linear``, ``mkldnn::...``), its attention the decode
+operator, and ``other_ops`` is inductor's fused kernels (norms, RoPE, activations, residual adds), which the profiler
+sees only as the compiled graph's own time, together with the generated code that calls them.
+
 The profiler's own cost inflates ``python`` a little; the figures are for telling apart what dominates.
 """
 
@@ -23,7 +28,8 @@ from typing import Any, Callable
 import torch
 
 _CATEGORIES = {
-    "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "aten::_mkldnn", "aten::einsum"),
+    "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "aten::_mkldnn", "aten::einsum",
+               "mkl::_mkl_linear", "mkldnn::"),  # the last two: what a frozen compiled graph calls
     "attention": ("scaled_dot_product", "aten::baddbmm", "aten::softmax", "aten::_softmax", "_flash_attention",
                   "hf_attn_swap::decode_attention"),
     "cache_copy": ("aten::cat", "aten::index_copy", "aten::index_put"),
@@ -39,13 +45,15 @@ def _category(name: str) -> str:
     return "other_ops"
 
 
-def profile_step(step: Callable[[], Any], *, steps: int = 3) -> dict[str, float]:
-    """Milliseconds per step by category (see module docstring), plus ``wall``, over ``steps`` calls of ``step``."""
+def profile_step(step: Callable[[], Any], *, steps: int = 3, warmup: int = 1) -> dict[str, float]:
+    """Milliseconds per step by category (see module docstring), plus ``wall``, over ``steps`` calls of ``step``
+    after ``warmup`` unprofiled ones."""
     from torch.profiler import ProfilerActivity, profile
 
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    step()  # warm: the profile should not see first-call allocations
+    if steps < 1 or warmup < 1:
+        raise ValueError(f"need steps >= 1 and warmup >= 1, got steps={steps}, warmup={warmup}")
+    for _ in range(warmup):  # the profile should not see first-call allocations (or a compilation)
+        step()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         t0 = time.perf_counter()
         for _ in range(steps):
@@ -62,17 +70,25 @@ def profile_step(step: Callable[[], Any], *, steps: int = 3) -> dict[str, float]
 
 @torch.no_grad()
 def profile_decode_step(model: torch.nn.Module, context: int, batch: int = 1, *, steps: int = 3,
-                        static: bool = False) -> dict[str, float]:
+                        static: bool = False, compile: bool = False) -> dict[str, float]:  # noqa: A002
     """:func:`profile_step` of ``model``'s decode step with a cache filled to ``context`` tokens
-    (:func:`hf_attn_swap.eval.cache_fill.fill_cache`; ``static``: a preallocated ``StaticCache``)."""
+    (:func:`hf_attn_swap.eval.cache_fill.fill_cache`; ``static``: a preallocated ``StaticCache``; ``compile``: the
+    step the compiled speed measurement times, :func:`hf_attn_swap.eval.speed.compiled_forward`, which needs
+    ``static``: one graph for every step)."""
     from ..hf_compat import cache_kwarg
     from .cache_fill import fill_cache
+    from .speed import compiled_forward
 
-    cache = fill_cache(model, context, batch, static_len=context + steps + 2 if static else None)
+    if compile and not static:
+        raise ValueError("profile_decode_step: compile=True needs static=True (a dynamic cache recompiles as it grows)")
+
+    warmup = 2 if compile else 1  # compiled: the first call compiles, a second takes any recompilation
+    cache = fill_cache(model, context, batch, static_len=context + warmup + steps + 1 if static else None)
     name = cache_kwarg(model)
     gen = torch.Generator().manual_seed(context)
     nxt = torch.randint(0, model.config.vocab_size, (batch, 1), generator=gen).to(next(model.parameters()).device)
-    return profile_step(lambda: model(input_ids=nxt, **{name: cache}, use_cache=True), steps=steps)
+    forward = compiled_forward(model) if compile else model
+    return profile_step(lambda: forward(input_ids=nxt, **{name: cache}, use_cache=True), steps=steps, warmup=warmup)
 
 
 __all__ = ["profile_decode_step", "profile_step"]
