@@ -259,7 +259,8 @@ int band_attention_f32(const float *q, const float *k, const float *v, float *ou
  * instead of overlapping (the time per key out of cache was about the in-cache time plus the read's). Spreading
  * them matters: a first version asked for all of a chunk's 128 lines at once, and most of a burst that size is
  * dropped when the core's fill buffers are full (measured, 8k x 8 x 30 layers, one thread: MQA 110 -> 94 ms,
- * GQA-3 265 -> 240 ms against 70 and 200 ms for a plain sum of the same bytes). A macro, not a function: gcc 12's
+ * GQA-3 265 -> 240 ms against 70 and 200 ms for a plain sum of the same bytes). Asking for the V rows during P @ V
+ * instead, a few lines a key, measured slower (MQA 116 ms; 102 into L2 only). A macro, not a function: gcc 12's
  * pure-const analysis finds no side effect in a function made only of prefetches and deletes its calls. */
 #define PREFETCH_SHARE(k, k_sn, v, v_sn, row0, nc, N, D, g, G)                                                       \
     {                                                                                                                 \
