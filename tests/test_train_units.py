@@ -146,6 +146,52 @@ def test_layerwise_transfer_lowers_attention_mse():
             assert torch.equal(a, b), n
 
 
+def test_layerwise_blocks_train_whole_decoder_layers_to_the_teachers_change_of_the_residual_stream():
+    """trainable="block": each decoder layer (attention, MLP, norms) learns what the teacher layer adds to its input;
+    the error it reports is that of a real forward of the layer, the embeddings, final norm and teacher stay as they
+    were, and a layer's MLP moves (the attention alone is trainable="attention")."""
+    from hf_attn_swap.train.layerwise import layer_stack
+
+    teacher = tiny()
+    before = copy.deepcopy(teacher.state_dict())
+    student = swap_attention(copy.deepcopy(teacher), "mqa", strategy="mean")
+    ids = data(8, 32)
+    res = layerwise_transfer(student, teacher, ids, steps=40, lr=1e-2, batch_rows=4, trainable="block")
+    assert [s.layer for s in res.layers] == [0, 1] and res.tokens == 8 * 32
+    for s in res.layers:
+        assert s.rel_before > 1e-3 and s.mse_after < 0.5 * s.mse_before, s
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    for (n, a), b in zip(student.named_parameters(), teacher.parameters()):
+        if not n.startswith("model.layers."):
+            assert torch.equal(a, b), n
+    assert not torch.equal(student.model.layers[0].mlp.up_proj.weight, teacher.model.layers[0].mlp.up_proj.weight)
+    # the reported error after training: layer 1 fed the teacher's own input, against the teacher layer's output
+    seen = {}
+
+    def grab_in(_m, a, k):
+        seen.setdefault("x", k.get("hidden_states", a[0] if a else None))
+        seen.setdefault("kw", {n: v for n, v in k.items() if n != "hidden_states"})
+
+    def grab_out(_m, a, k, out):
+        seen.setdefault("y", out[0] if isinstance(out, tuple) else out)
+
+    hooks = [teacher.model.layers[1].register_forward_pre_hook(grab_in, with_kwargs=True),
+             teacher.model.layers[1].register_forward_hook(grab_out, with_kwargs=True)]
+    with torch.no_grad():
+        teacher(input_ids=ids[:4], use_cache=False)
+        for h in hooks:
+            h.remove()
+        out = student.model.layers[1](seen["x"], **seen["kw"])  # same masks and RoPE tables: same shapes, positions
+    out = out[0] if isinstance(out, tuple) else out
+    assert float((out - seen["y"]).pow(2).mean()) == pytest.approx(res.layers[1].mse_after, rel=1e-4)
+    assert len(layer_stack(student)) == 2
+    with pytest.raises(ValueError, match="inputs='student' is not supported"):
+        layerwise_transfer(student, teacher, ids, steps=1, batch_rows=4, trainable="block", inputs="student")
+    with pytest.raises(ValueError, match="layerwise_inputs='teacher'"):
+        UptrainConfig(layerwise_trainable="block", layerwise_inputs="student")
+
+
 def test_layerwise_on_student_inputs_trains_layer_0_as_before_and_later_layers_on_the_students_own_states():
     """inputs="student": layer 0 sees what it saw before (nothing precedes it), so it trains to the same weights; the
     inputs of layer 1 are what a whole forward of the student (layer 0 already trained) feeds its attention."""

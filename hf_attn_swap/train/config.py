@@ -19,7 +19,7 @@ from ..cliconfig import ConfigError, check_fields, opt
 #: what end-to-end training may update.
 TRAINABLE = ("all", "attention", "kv", "feature_map", "lora")
 #: what the per-layer stage may update inside each attention module.
-LAYERWISE_TRAINABLE = ("attention", "kv", "feature_map")
+LAYERWISE_TRAINABLE = ("attention", "kv", "feature_map", "block")
 #: pre-training tokens of known checkpoints, for budgets given as alpha (a fraction of them).
 PRETRAIN_TOKENS: dict[str, int] = {
     "smollm2-135m": 2_000_000_000_000,  # SmolLM2 paper: 135M trained on 2T tokens
@@ -63,7 +63,9 @@ class UptrainConfig:
     layerwise_tokens: int = opt(16384, min=0, help="calibration tokens for the per-layer stage (0 = skip)")
     layerwise_steps: int = opt(100, min=1, help="Adam steps per layer")
     layerwise_lr: float = opt(1e-3, gt=0, help="peak learning rate of the per-layer stage")
-    layerwise_trainable: str = opt("attention", choices=LAYERWISE_TRAINABLE, help="what the per-layer stage trains")
+    layerwise_trainable: str = opt("attention", choices=LAYERWISE_TRAINABLE, help=(
+        "what the per-layer stage trains: the attention module (all of it, kv or feature_map) or its whole decoder "
+        "layer (block)"))
     layerwise_rows: int = opt(4, min=1, help="rows of block_size tokens per per-layer step")
     layerwise_inputs: str = opt("teacher", choices=("teacher", "student"), help=(
         "what the per-layer stage trains each attention module on: the teacher module's inputs (layers independent) "
@@ -140,6 +142,9 @@ class UptrainConfig:
         if both:
             raise ConfigError(f"{', '.join(both)} is both trained on and held out: a held-out domain must never enter "
                               "the training text; remove it from held_out or from the mix/corpus")
+        if self.layerwise_tokens and self.layerwise_trainable == "block" and self.layerwise_inputs != "teacher":
+            raise ConfigError("layerwise_trainable='block' trains each decoder layer on the teacher's inputs: set "
+                              "layerwise_inputs='teacher' (or layerwise_trainable='attention' for the student's own)")
         if self.layerwise_tokens and self.layerwise_tokens < self.block_size * self.layerwise_rows:
             raise ConfigError(f"layerwise_tokens={self.layerwise_tokens} is less than one per-layer step "
                               f"(layerwise_rows * block_size = {self.layerwise_rows * self.block_size}); raise it or set "

@@ -5,6 +5,10 @@ few of its parameters are trained (Adam, MSE) to reproduce the teacher module's 
 there is no backpropagation through the network: on a CPU this is one to two orders of magnitude cheaper per token
 than end-to-end training, and it is what LoLCATs calls attention transfer (stage 1). After a GQA/MQA conversion it
 starts from the converted weights (``strategy="fit"`` is the best start) and trains Q/K/V/O per layer.
+
+``trainable="block"`` matches whole decoder layers instead: each student layer (attention, MLP and norms) is trained
+on the teacher layer's input to reproduce what the teacher layer adds to the residual stream, so the layer's MLP can
+make up for some of what the converted attention no longer computes, still without backpropagation across layers.
 """
 
 from __future__ import annotations
@@ -101,7 +105,8 @@ def module_parameters(module: nn.Module, which: str, adapter_k: str = "k_proj", 
         return [p for p in module.parameters() if p.dtype.is_floating_point]
     heads = {"kv": (adapter_k, adapter_v), "feature_map": (FEATURE_MAP_ATTR,)}.get(which)
     if heads is None:
-        raise ValueError(f"unknown layerwise trainable {which!r}; allowed: attention, kv, feature_map")
+        raise ValueError(f"unknown layerwise trainable {which!r} for an attention module; allowed: attention, kv, "
+                         "feature_map (block trains whole decoder layers: layerwise_transfer)")
     return [p for n, p in module.named_parameters() if n.split(".")[0] in heads and p.dtype.is_floating_point]
 
 
@@ -236,6 +241,122 @@ def _module_out(module: nn.Module, x: torch.Tensor, kwargs: dict[str, Any]) -> t
     return y.float()
 
 
+def layer_stack(model: nn.Module) -> nn.ModuleList:
+    """The model's list of decoder layers (each holding one attention module), or a ValueError saying why not."""
+    from ..convert.calibrate import decoder_layers
+
+    layers = decoder_layers(model, [s.module for s in attention_sites(model)])
+    if layers is None:
+        raise ValueError(f"{type(model).__name__} has no layer list holding its attention modules one per layer: "
+                         "layerwise trainable='block' needs one (use trainable='attention')")
+    return layers
+
+
+@torch.no_grad()
+def _capture_teacher_layers(teacher: nn.Module, layers: nn.ModuleList, batches: list[torch.Tensor], idx: list[int],
+                            mixed_precision: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Each selected teacher decoder layer's input hidden states and output, ``(n_rows, L, E)`` float32 each."""
+    ins: dict[int, list[torch.Tensor]] = {i: [] for i in idx}
+    outs: dict[int, list[torch.Tensor]] = {i: [] for i in idx}
+    handles = []
+    for i in idx:
+        def pre(_m, args, kwargs, i=i):
+            ins[i].append(kwargs.get("hidden_states", args[0] if args else None).detach().float())
+
+        def post(_m, args, kwargs, output, i=i):
+            outs[i].append((output[0] if isinstance(output, tuple) else output).detach().float())
+
+        handles.append(layers[i].register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(layers[i].register_forward_hook(post, with_kwargs=True))
+    was = teacher.training
+    teacher.eval()
+    try:
+        for b in batches:
+            with autocast(mixed_precision, b.device):
+                teacher(input_ids=b, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+        teacher.train(was)
+    return [torch.cat(ins[i]) for i in idx], [torch.cat(outs[i]) for i in idx]
+
+
+def _block_transfer(student: nn.Module, teacher: nn.Module, batches: list[torch.Tensor], idx: list[int], *,
+                    steps: int, lr: float, seed: int, progress: bool, on_steps: Callable[[int, int, nn.Module], None]
+                    | None, on_steps_every: int, mixed_precision: str) -> LayerwiseResult:
+    """``trainable="block"``: each student decoder layer trained (Adam, cosine learning rate) to reproduce the
+    teacher layer's output on the teacher layer's input; the loss is the MSE of what the layer adds to its input (the
+    residual stream passes through unchanged, and would otherwise dwarf the error), relative to the teacher's."""
+    from ..convert.calibrate import _call_layer, _capture_layer_inputs
+
+    s_layers, t_layers = layer_stack(student), layer_stack(teacher)
+    xs, ys = _capture_teacher_layers(teacher, t_layers, batches, idx, mixed_precision)
+    # What the model passes each layer besides the hidden states (RoPE tables, masks): the same for every batch of
+    # full rows of one length, so the first batch's calls serve all.
+    with torch.no_grad():
+        calls = _capture_layer_inputs(student, s_layers, max(idx), [{"input_ids": batches[0]}], _device(student))[1][0]
+    rows_per_step = batches[0].shape[0]
+    n_rows = xs[0].shape[0]
+    result = LayerwiseResult(tokens=n_rows, steps_per_layer=steps)  # rows; the caller turns them into tokens
+    all_params = list(student.parameters())
+    saved_flags = [p.requires_grad for p in all_params]
+    was = student.training
+    student.eval()  # no dropout: the target is deterministic
+
+    def delta(layer: nn.Module, i: int, x: torch.Tensor) -> torch.Tensor:
+        weight = next(layer.parameters())
+        return _call_layer(layer, x.to(weight.dtype), calls[i]).float() - x
+
+    bar = progress_bar(desc="layerwise transfer (blocks)", total=len(idx), unit="layer", force=progress)
+    try:
+        for p in all_params:
+            p.requires_grad_(False)
+        for j, i in enumerate(idx):
+            layer = s_layers[i]
+            x_all, d_all = xs[j], ys[j] - xs[j]  # the teacher layer's input and what it added to it
+            scale = float(d_all.pow(2).mean().clamp_min(1e-30))
+            probe = slice(0, rows_per_step)
+            with torch.no_grad():
+                before = float((delta(layer, i, x_all[probe]) - d_all[probe]).pow(2).mean())
+            params = [p for p in layer.parameters() if p.dtype.is_floating_point]
+            for p in params:
+                p.requires_grad_(True)
+            opt = torch.optim.Adam(params, lr=lr)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+            gen = torch.Generator().manual_seed(seed + i)  # per layer, as in the attention path
+            if on_steps is not None:
+                with torch.no_grad():
+                    on_steps(i, 0, layer)
+            for step in range(steps):
+                rows = torch.randperm(n_rows, generator=gen)[:rows_per_step]
+                with autocast(mixed_precision, x_all.device):
+                    d = delta(layer, i, x_all[rows])
+                loss = (d - d_all[rows]).pow(2).mean() / scale
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                if on_steps is not None and ((step + 1) % on_steps_every == 0 or step + 1 == steps):
+                    with torch.no_grad():
+                        on_steps(i, step + 1, layer)
+            for p in params:
+                p.requires_grad_(False)
+            with torch.no_grad():
+                after = float((delta(layer, i, x_all[probe]) - d_all[probe]).pow(2).mean())
+            result.layers.append(LayerStat(i, before, after, before / scale, after / scale))
+            logger.info("layer %d: decoder-layer output MSE %.4g -> %.4g (relative %.4f -> %.4f)", i, before, after,
+                        before / scale, after / scale)
+            bar.update(1)
+            bar.set_postfix(rel=f"{before / scale:.3f}->{after / scale:.3f}")
+            xs[j] = ys[j] = None  # free as we go
+    finally:
+        for p, flag in zip(all_params, saved_flags):
+            p.requires_grad_(flag)
+        student.train(was)
+        bar.close()
+    return result
+
+
 def layerwise_transfer(
     student: nn.Module,
     teacher: nn.Module,
@@ -260,7 +381,9 @@ def layerwise_transfer(
         teacher: the unconverted model (frozen, only run forward).
         calibration: input ids ``(n, L)``: training text disjoint from any evaluation text.
         layers: which layers (default all); see :func:`hf_attn_swap.parse_layers`.
-        trainable: ``attention`` (every parameter of the module: Q/K/V/O, feature maps) or ``kv``.
+        trainable: ``attention`` (every parameter of the module: Q/K/V/O, feature maps), ``kv``, ``feature_map``
+            or ``block`` (every parameter of the decoder layer holding the module, trained to match the teacher
+            layer's change to the residual stream; ``inputs="teacher"`` only).
         steps: Adam steps per layer (cosine-decayed learning rate).
         lr: peak learning rate.
         batch_rows: rows of ``calibration`` per step.
@@ -296,6 +419,15 @@ def layerwise_transfer(
     start = time.perf_counter()
     # The teacher and student may sit on an accelerator (one per process under ``accelerate launch``).
     batches = [b.to(_device(student)) for b in _batches(calibration, batch_rows)]
+    if trainable == "block":
+        if inputs != "teacher":
+            raise ValueError("layerwise trainable='block' trains each decoder layer on the teacher's inputs; "
+                             f"inputs={inputs!r} is not supported with it (use inputs='teacher')")
+        result = _block_transfer(student, teacher, batches, idx, steps=steps, lr=lr, seed=seed, progress=progress,
+                                 on_steps=on_steps, on_steps_every=on_steps_every, mixed_precision=mixed_precision)
+        result.tokens = int(result.tokens * calibration.shape[1])
+        result.seconds = time.perf_counter() - start
+        return result
     sites = attention_sites(student)
     params_per_layer = [module_parameters(sites[i].module, trainable, adapter.k, adapter.v) for i in idx]
     if not any(params_per_layer):

@@ -345,10 +345,16 @@ class LayerwiseStage(Stage):
             else:
                 for s in local.layers:
                     s.rank = ctx.rank
-        sites = attention_sites(run.student)
+        # What each process trained: layer i's attention module, or its whole decoder layer (trainable "block").
+        if cfg.layerwise_trainable == "block":
+            from .layerwise import layer_stack
+
+            trained = list(layer_stack(run.student))
+        else:
+            trained = [s.module for s in attention_sites(run.student)]
         if ctx.distributed:
-            # Each process sends the attention modules it trained; CPU copies pickle the same under gloo and NCCL.
-            weights = {i: {k: v.detach().cpu() for k, v in sites[i].module.state_dict().items()} for i in mine}
+            # Each process sends the modules it trained; CPU copies pickle the same under gloo and NCCL.
+            weights = {i: {k: v.detach().cpu() for k, v in trained[i].state_dict().items()} for i in mine}
             parts = ctx.gather((local, weights, error))
             failed = [e for _, _, e in parts if e]
             if failed:  # every process stops with the same message instead of waiting for the failed one
@@ -356,7 +362,7 @@ class LayerwiseStage(Stage):
             for rank, (_, theirs, _) in enumerate(parts):
                 if rank != ctx.rank:
                     for i, sd in theirs.items():
-                        sites[i].module.load_state_dict(sd, strict=True)
+                        trained[i].load_state_dict(sd, strict=True)
             done = [p for p, _, _ in parts if p is not None]
         else:
             done = [local]
