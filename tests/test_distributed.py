@@ -122,10 +122,12 @@ def test_other_processes_rebuild_the_main_process_conversion_exactly(model_type,
     assert swap_record(other).to_dict() == swap_record(main).to_dict()
 
 
-def test_per_layer_stage_on_two_processes_equals_one_process_and_only_rank0_writes(base, tmp_path):
+@pytest.mark.parametrize("trainable", ["attention", "block"])
+def test_per_layer_stage_on_two_processes_equals_one_process_and_only_rank0_writes(base, tmp_path, trainable):
+    """Also for whole decoder layers (trainable "block"), whose MLPs and norms the processes must exchange too."""
     two = tmp_path / "two"
     # a mean-pooled start leaves every layer something to win back in 5 steps (fit is already near the optimum)
-    cfg = config(base, two, variant_options={"strategy": "mean"})
+    cfg = config(base, two, variant_options={"strategy": "mean"}, layerwise_trainable=trainable)
     proc, writes = launch(cfg, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     saved = json.loads((two / "uptrain_result.json").read_text())
@@ -139,7 +141,8 @@ def test_per_layer_stage_on_two_processes_equals_one_process_and_only_rank0_writ
     assert any(p.endswith("uptrain_result.json") for _, p in writes[0])
     assert any("final" in p for _, p in writes[0])
 
-    one = uptrain(config(base, tmp_path / "one", variant_options={"strategy": "mean"}))  # the same stage in this single process
+    one = uptrain(config(base, tmp_path / "one", variant_options={"strategy": "mean"},  # the same stage in one process
+                         layerwise_trainable=trainable))
     got = load_swapped(two / "final").state_dict()
     want = one.model.state_dict()
     assert got.keys() == want.keys()
