@@ -214,6 +214,26 @@ def test_compiled_static_decode_is_timed_frozen_and_steps_like_eager(mha, monkey
     assert all(res[k]["decode"][0]["compiled"] and res[k]["decode"][0]["n"] == 2 for k in models)
 
 
+def test_compiled_forward_never_falls_back_to_eager_code_past_dynamos_recompile_limit():
+    """Every (model, batch, cache length) cell of a compiled measurement is a graph of its own; past dynamo's default
+    limit (8) torch.compile would silently run the rest eagerly, so compiled_forward raises the limit (and would fail
+    rather than fall back): ten shapes, ten graphs, dynamo's own limit untouched outside the calls."""
+    import torch._dynamo.config as dynamo_config
+    from torch._dynamo.utils import counters
+
+    from hf_attn_swap.eval import speed
+
+    torch._dynamo.reset()
+    forward = speed.compiled_forward(torch.nn.Linear(4, 4).eval())
+    before = counters["stats"]["unique_graphs"]
+    with torch.no_grad():
+        for rows in range(1, 11):
+            forward(torch.randn(rows, 4))
+    assert counters["stats"]["unique_graphs"] - before == 10
+    assert dynamo_config.recompile_limit == 8 and not dynamo_config.fail_on_recompile_limit_hit
+    torch._dynamo.reset()
+
+
 def test_hybrid_cache_is_window_plus_state(mha):
     """linear with a softmax window: K/V of window - 1 tokens plus the recurrent state, constant past the window."""
     hy = swap_attention(copy.deepcopy(mha), "linear", feature_map="hedgehog", num_features=8, window=12)

@@ -398,26 +398,43 @@ def compare_speed(
     return results, errors
 
 
+#: Graphs torch.compile may keep per compiled function during a timed or profiled run: one per (model, batch, cache
+#: length) cell. Dynamo's default (8) is reached by a few variants x batches, after which it silently runs the
+#: function eagerly (seen: a profile of "compiled" MQA steps that were eager, 22 ms of Python a step).
+COMPILED_GRAPHS_LIMIT = 256
+
+
 def compiled_forward(model: nn.Module) -> Callable[..., Any]:
-    """``torch.compile(model, dynamic=False)``; on a CPU every call runs under inductor's ``freezing``.
+    """``torch.compile(model, dynamic=False)``, each call under the settings a measurement needs.
 
-    Freezing makes the weights constants of the graph, which inductor prepacks for the CPU GEMM: a decode step's
-    matmuls are (batch x hidden) by a whole weight matrix, where the unpacked GEMM streams the weights at about half
-    the memory rate (SmolLM2 MQA at 8k x 8, one thread: 213 -> 181 ms a step). Sound for what calls this: timed or
-    profiled inference, never training. Costs a packed copy of the weights while the compiled model lives. The config
-    is set around every call because graphs compile at their first call (and again on a recompile), and
-    ``torch.compile(options={"freezing": True})`` does not reach the freezing pass (measured: no speed-up).
+    * On a CPU, inductor's ``freezing``: the weights become constants of the graph, which inductor prepacks for the
+      CPU GEMM: a decode step's matmuls are (batch x hidden) by a whole weight matrix, where the unpacked GEMM streams
+      the weights at about half the memory rate (SmolLM2 MQA at 8k x 8, one thread: 213 -> 181 ms a step). Sound for
+      what calls this: timed or profiled inference, never training. Costs a packed copy of the weights while the
+      compiled model lives. Set around every call because graphs compile at their first call (and on a recompile),
+      and ``torch.compile(options={"freezing": True})`` does not reach the freezing pass (measured: no speed-up).
+    * Dynamo's recompile limit raised to :data:`COMPILED_GRAPHS_LIMIT`, and reaching it an error, not a silent
+      fall-back to eager code: a figure labelled compiled must be of a compiled step.
     """
-    forward = torch.compile(model, dynamic=False)
-    if _device(model).type != "cpu":
-        return forward
-    import torch._inductor.config as inductor_config  # not an attribute of torch until something imports it
+    import torch._dynamo.config as dynamo_config
 
-    def frozen(*args: Any, **kwargs: Any) -> Any:
-        with inductor_config.patch(freezing=True):
+    forward = torch.compile(model, dynamic=False)
+    settings = [(dynamo_config, {k: v for k, v in (("recompile_limit", COMPILED_GRAPHS_LIMIT),
+                                                  ("cache_size_limit", COMPILED_GRAPHS_LIMIT),
+                                                  ("fail_on_recompile_limit_hit", True))
+                                 if hasattr(dynamo_config, k)})]  # the names moved between torch versions
+    if _device(model).type == "cpu":
+        import torch._inductor.config as inductor_config  # not an attribute of torch until something imports it
+
+        settings.append((inductor_config, {"freezing": True}))
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        with contextlib.ExitStack() as stack:
+            for config, values in settings:
+                stack.enter_context(config.patch(**values))
             return forward(*args, **kwargs)
 
-    return frozen
+    return call
 
 
 def _one(model: nn.Module, **kw: Any) -> dict[str, list[dict[str, Any]]]:

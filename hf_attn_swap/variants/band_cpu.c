@@ -253,20 +253,23 @@ int band_attention_f32(const float *q, const float *k, const float *v, float *ou
 #define DB 128
 #define GMAX 16
 
-/* Ask for memory ahead of use: the K and V rows of the next block at this chunk's offset (rows j0 + DB + c0 ...),
- * while this chunk's scores are computed, one query head's share of their cache lines at a time (head g of G takes
- * lines [L g / G, L (g + 1) / G) of the chunk's L). Without prefetches the reads and the arithmetic took turns
- * instead of overlapping (the time per key out of cache was about the in-cache time plus the read's). Spreading
- * them matters: a first version asked for all of a chunk's 128 lines at once, and most of a burst that size is
- * dropped when the core's fill buffers are full (measured, 8k x 8 x 30 layers, one thread: MQA 110 -> 94 ms,
- * GQA-3 265 -> 240 ms against 70 and 200 ms for a plain sum of the same bytes). Asking for the V rows during P @ V
- * instead, a few lines a key, measured slower (MQA 116 ms; 102 into L2 only). A macro, not a function: gcc 12's
- * pure-const analysis finds no side effect in a function made only of prefetches and deletes its calls. */
+/* Ask for memory ahead of use, spread over the scores' arithmetic: while a chunk's scores are computed, the next
+ * block's K rows at the chunk's offset (read by the next block's scores) and this block's V rows (read by its P @ V),
+ * one query head's share of the chunk's lines at a time (head g of G takes lines [L g / G, L (g + 1) / G) of L).
+ * Without prefetches the reads and the arithmetic took turns instead of overlapping (the time per key out of cache
+ * was about the in-cache time plus the read's). Spreading them matters at many heads per KV head: asking for all of
+ * a chunk's lines at once, as a first version did, left MQA (G = 9, where the arithmetic is longest) at 1.36x a plain
+ * read's time; spread, 1.15x. Measured side by side, 8k x 8, every layer, one thread, idle (ms: all at once /
+ * spread): MQA 121-126 / 103-105, GQA-3 278-280 / 274-280, Llama-3-8B's shape 196-202 / 204-207; asking for the next
+ * block's V instead of this one's made GQA-3 and Llama-3-8B slower (282, 213), and asking for V during P @ V, a few
+ * lines a key, made MQA slower (116). A macro, not a function: gcc 12's pure-const analysis finds no side effect in
+ * a function made only of prefetches and deletes its calls. row0: the chunk's first row in the next block. */
 #define PREFETCH_SHARE(k, k_sn, v, v_sn, row0, nc, N, D, g, G)                                                       \
     {                                                                                                                 \
         const int64_t per_row_ = (D) / 16, lines_ = (nc) * per_row_ * 2; /* 16 floats a line; K and V */           \
         for (int64_t li_ = lines_ * (g) / (G); li_ < lines_ * ((g) + 1) / (G); li_++) {                              \
-            const int64_t r_ = (row0) + (li_ >> 1) / per_row_, off_ = ((li_ >> 1) % per_row_) * 16;                 \
+            const int64_t rr_ = (li_ >> 1) / per_row_, off_ = ((li_ >> 1) % per_row_) * 16;                         \
+            const int64_t r_ = (li_ & 1) ? (row0) - DB + rr_ : (row0) + rr_;                                           \
             if (r_ < (N)) _mm_prefetch((const char *)((li_ & 1) ? (v) + r_ * (v_sn) : (k) + r_ * (k_sn)) + off_ * 4, \
                                        _MM_HINT_T0);                                                                  \
         }                                                                                                             \
