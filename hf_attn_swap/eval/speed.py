@@ -504,4 +504,5 @@ def decode_throughput(
                 input_ids=input_ids, fill=fill, cache=cache, compile=compile)["decode"]
 
 
-__all__ = ["Timing", "available_memory", "check_cache_fits", "compare_speed", "compiled_forward", "decode_throughput", "environment", "num_threads", "prefill_latency", "time_fn"]
+__all__ = ["COMPILED_GRAPHS_LIMIT", "Timing", "available_memory", "check_cache_fits", "compare_speed", "compiled_forward",
+           "decode_throughput", "environment", "num_threads", "prefill_latency", "time_fn"]
