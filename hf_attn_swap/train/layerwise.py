@@ -37,9 +37,11 @@ class _Stop(Exception):
 
 @dataclass
 class LayerStat:
-    """Attention-output MSE of one layer before and after training (on the calibration inputs).
+    """Attention-output MSE of one layer before and after training (on the calibration inputs); with
+    ``trainable="block"``, the decoder layer's output MSE.
 
-    ``rel_*`` divides by the mean square of the teacher's output: 0 = exact, 1 = as bad as outputting zeros.
+    ``rel_*`` divides by the mean square of the teacher's output (block: of what the teacher layer adds to its input):
+    0 = exact, 1 = as bad as outputting zeros (block: as bad as adding nothing).
     """
 
     layer: int
