@@ -119,6 +119,20 @@ def _batches(ids: torch.Tensor, rows: int) -> list[torch.Tensor]:
     return list(ids[:n].split(rows))
 
 
+def _run_hooked(teacher: nn.Module, batches: list[torch.Tensor], handles: list, mixed_precision: str) -> None:
+    """Run the teacher (eval mode) over every batch for the hooks in ``handles`` to record, then remove them."""
+    was = teacher.training
+    teacher.eval()
+    try:
+        for b in batches:
+            with autocast(mixed_precision, b.device):
+                teacher(input_ids=b, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+        teacher.train(was)
+
+
 @torch.no_grad()
 def capture_teacher(teacher: nn.Module, batches: list[torch.Tensor], layers: list[int], mixed_precision: str = "no",
                     keep_inputs: bool = True) -> tuple[list[torch.Tensor] | None, list[torch.Tensor]]:
@@ -146,16 +160,7 @@ def capture_teacher(teacher: nn.Module, batches: list[torch.Tensor], layers: lis
             outs[i].append(y.detach().float())
 
         handles.append(sites[i].module.register_forward_hook(hook, with_kwargs=True))
-    was = teacher.training
-    teacher.eval()
-    try:
-        for b in batches:
-            with autocast(mixed_precision, b.device):
-                teacher(input_ids=b, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-        teacher.train(was)
+    _run_hooked(teacher, batches, handles, mixed_precision)
     return ([torch.cat(ins[i]) for i in layers] if keep_inputs else None), [torch.cat(outs[i]) for i in layers]
 
 
@@ -243,6 +248,51 @@ def _module_out(module: nn.Module, x: torch.Tensor, kwargs: dict[str, Any]) -> t
     return y.float()
 
 
+def _fit(module: nn.Module, params: list[nn.Parameter], out: Callable[[torch.Tensor], torch.Tensor],
+         x_all: torch.Tensor, y_all: torch.Tensor, *, layer: int, steps: int, lr: float, seed: int, batch_rows: int,
+         mixed_precision: str, on_steps: Callable[[int, int, nn.Module], None] | None,
+         on_steps_every: int, what: str, bar: Any) -> LayerStat:
+    """Train ``params`` (Adam, cosine-decayed learning rate) so that ``out(x)`` reproduces ``y_all`` on random
+    ``batch_rows``-row minibatches of ``x_all``; the MSE before and after on the first ``batch_rows`` rows, and both
+    relative to the mean square of ``y_all``. Layer ``layer`` draws its rows from its own generator (``seed + layer``),
+    so its result does not depend on which other layers are trained with it. Logs ``what``'s error and advances
+    ``bar``."""
+    scale = float(y_all.pow(2).mean().clamp_min(1e-30))
+    probe = slice(0, batch_rows)
+    with torch.no_grad():
+        before = float((out(x_all[probe]) - y_all[probe]).pow(2).mean())
+    if params:
+        for p in params:
+            p.requires_grad_(True)
+        opt = torch.optim.Adam(params, lr=lr)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+        gen = torch.Generator().manual_seed(seed + layer)
+        if on_steps is not None:
+            with torch.no_grad():
+                on_steps(layer, 0, module)
+        for step in range(steps):
+            rows = torch.randperm(x_all.shape[0], generator=gen)[:batch_rows]
+            with autocast(mixed_precision, x_all.device):
+                y = out(x_all[rows])  # float32 out: the loss is summed in float32
+            loss = (y - y_all[rows]).pow(2).mean() / scale
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            if on_steps is not None and ((step + 1) % on_steps_every == 0 or step + 1 == steps):
+                with torch.no_grad():
+                    on_steps(layer, step + 1, module)
+        for p in params:
+            p.requires_grad_(False)
+    with torch.no_grad():
+        after = float((out(x_all[probe]) - y_all[probe]).pow(2).mean())
+    logger.info("layer %d: %s MSE %.4g -> %.4g (relative %.4f -> %.4f)", layer, what, before, after, before / scale,
+                after / scale)
+    bar.update(1)
+    bar.set_postfix(rel=f"{before / scale:.3f}->{after / scale:.3f}")
+    return LayerStat(layer, before, after, before / scale, after / scale)
+
+
 def layer_stack(model: nn.Module) -> nn.ModuleList:
     """The model's list of decoder layers (each holding one attention module), or a ValueError saying why not."""
     from ..convert.calibrate import decoder_layers
@@ -270,16 +320,7 @@ def _capture_teacher_layers(teacher: nn.Module, layers: nn.ModuleList, batches: 
 
         handles.append(layers[i].register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(layers[i].register_forward_hook(post, with_kwargs=True))
-    was = teacher.training
-    teacher.eval()
-    try:
-        for b in batches:
-            with autocast(mixed_precision, b.device):
-                teacher(input_ids=b, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-        teacher.train(was)
+    _run_hooked(teacher, batches, handles, mixed_precision)
     return [torch.cat(ins[i]) for i in idx], [torch.cat(outs[i]) for i in idx]
 
 
@@ -315,41 +356,12 @@ def _block_transfer(student: nn.Module, teacher: nn.Module, batches: list[torch.
             p.requires_grad_(False)
         for j, i in enumerate(idx):
             layer = s_layers[i]
-            x_all, d_all = xs[j], ys[j] - xs[j]  # the teacher layer's input and what it added to it
-            scale = float(d_all.pow(2).mean().clamp_min(1e-30))
-            probe = slice(0, rows_per_step)
-            with torch.no_grad():
-                before = float((delta(layer, i, x_all[probe]) - d_all[probe]).pow(2).mean())
             params = [p for p in layer.parameters() if p.dtype.is_floating_point]
-            for p in params:
-                p.requires_grad_(True)
-            opt = torch.optim.Adam(params, lr=lr)
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
-            gen = torch.Generator().manual_seed(seed + i)  # per layer, as in the attention path
-            if on_steps is not None:
-                with torch.no_grad():
-                    on_steps(i, 0, layer)
-            for step in range(steps):
-                rows = torch.randperm(n_rows, generator=gen)[:rows_per_step]
-                with autocast(mixed_precision, x_all.device):
-                    d = delta(layer, i, x_all[rows])
-                loss = (d - d_all[rows]).pow(2).mean() / scale
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                if on_steps is not None and ((step + 1) % on_steps_every == 0 or step + 1 == steps):
-                    with torch.no_grad():
-                        on_steps(i, step + 1, layer)
-            for p in params:
-                p.requires_grad_(False)
-            with torch.no_grad():
-                after = float((delta(layer, i, x_all[probe]) - d_all[probe]).pow(2).mean())
-            result.layers.append(LayerStat(i, before, after, before / scale, after / scale))
-            logger.info("layer %d: decoder-layer output MSE %.4g -> %.4g (relative %.4f -> %.4f)", i, before, after,
-                        before / scale, after / scale)
-            bar.update(1)
-            bar.set_postfix(rel=f"{before / scale:.3f}->{after / scale:.3f}")
+            # the teacher layer's input, and what it added to it
+            stat = _fit(layer, params, lambda x, layer=layer, i=i: delta(layer, i, x), xs[j], ys[j] - xs[j], layer=i,
+                        steps=steps, lr=lr, seed=seed, batch_rows=rows_per_step, mixed_precision=mixed_precision,
+                        on_steps=on_steps, on_steps_every=on_steps_every, what="decoder-layer output", bar=bar)
+            result.layers.append(stat)
             xs[j] = ys[j] = None  # free as we go
     finally:
         for p, flag in zip(all_params, saved_flags):
@@ -451,41 +463,11 @@ def layerwise_transfer(
             p.requires_grad_(False)
         for j, (i, params) in enumerate(zip(idx, params_per_layer)):
             module = sites[i].module
-            x_all, y_all = (xs[j] if stack is None else stack.inputs_of(i)), ys[j]
-            scale = float(y_all.pow(2).mean().clamp_min(1e-30))
-            probe = slice(0, batch_rows)
-            with torch.no_grad():
-                before = float((_module_out(module, x_all[probe], kwargs) - y_all[probe]).pow(2).mean())
-            if params:
-                for p in params:
-                    p.requires_grad_(True)
-                opt = torch.optim.Adam(params, lr=lr)
-                sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
-                gen = torch.Generator().manual_seed(seed + i)  # per layer: the split across processes cannot matter
-                if on_steps is not None:
-                    with torch.no_grad():
-                        on_steps(i, 0, module)
-                for step in range(steps):
-                    rows = torch.randperm(n_rows, generator=gen)[:batch_rows]
-                    with autocast(mixed_precision, x_all.device):
-                        y = _module_out(module, x_all[rows], kwargs)  # float32 out: the loss is summed in float32
-                    loss = (y - y_all[rows]).pow(2).mean() / scale
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    sched.step()
-                    if on_steps is not None and ((step + 1) % on_steps_every == 0 or step + 1 == steps):
-                        with torch.no_grad():
-                            on_steps(i, step + 1, module)
-                for p in params:
-                    p.requires_grad_(False)
-            with torch.no_grad():
-                after = float((_module_out(module, x_all[probe], kwargs) - y_all[probe]).pow(2).mean())
-            result.layers.append(LayerStat(i, before, after, before / scale, after / scale))
-            logger.info("layer %d: attention-output MSE %.4g -> %.4g (relative %.4f -> %.4f)", i, before, after,
-                        before / scale, after / scale)
-            bar.update(1)
-            bar.set_postfix(rel=f"{before / scale:.3f}->{after / scale:.3f}")
+            x_all = xs[j] if stack is None else stack.inputs_of(i)
+            stat = _fit(module, params, lambda x, module=module: _module_out(module, x, kwargs), x_all, ys[j], layer=i,
+                        steps=steps, lr=lr, seed=seed, batch_rows=batch_rows, mixed_precision=mixed_precision,
+                        on_steps=on_steps, on_steps_every=on_steps_every, what="attention-output", bar=bar)
+            result.layers.append(stat)
             ys[j] = None  # free as we go
             if xs is not None:
                 xs[j] = None
