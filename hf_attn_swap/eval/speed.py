@@ -419,10 +419,12 @@ def compiled_forward(model: nn.Module) -> Callable[..., Any]:
     import torch._dynamo.config as dynamo_config
 
     forward = torch.compile(model, dynamic=False)
-    settings = [(dynamo_config, {k: v for k, v in (("recompile_limit", COMPILED_GRAPHS_LIMIT),
-                                                  ("cache_size_limit", COMPILED_GRAPHS_LIMIT),
-                                                  ("fail_on_recompile_limit_hit", True))
-                                 if hasattr(dynamo_config, k)})]  # the names moved between torch versions
+    # recompile_limit is the newer name of cache_size_limit (one setting: patching either changes both)
+    limit = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    dynamo = {limit: COMPILED_GRAPHS_LIMIT}
+    if hasattr(dynamo_config, "fail_on_recompile_limit_hit"):  # older torch: no such switch, the raised limit remains
+        dynamo["fail_on_recompile_limit_hit"] = True
+    settings = [(dynamo_config, dynamo)]
     if _device(model).type == "cpu":
         import torch._inductor.config as inductor_config  # not an attribute of torch until something imports it
 
