@@ -24,6 +24,7 @@ import logging
 import math
 import platform
 import shlex
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -247,7 +248,7 @@ def prediction_accuracy(data: dict) -> list[dict]:
     for (cache, compiled, variant), errs in sorted(cells.items()):
         errs = sorted(errs)
         n = len(errs)
-        median = errs[n // 2] if n % 2 else (errs[n // 2 - 1] + errs[n // 2]) / 2
+        median = statistics.median(errs)
         out.append({"cache": cache, "compiled": compiled, "variant": variant, "cells": n,
                     "within": sum(abs(e) <= GOAL_PREDICTION_ERROR for e in errs), "median_error": median,
                     "max_error": max(errs, key=abs)})
@@ -296,6 +297,18 @@ def goal_lines(data: dict) -> list[str]:
     return lines + [""]
 
 
+def drift_line(data: dict) -> str:
+    """The bandwidth measured again after the grid, against the figure the predictions use ('' for runs before this
+    was recorded)."""
+    hw, after = data["cpu_profile"], data.get("cpu_profile_after")
+    if not after:
+        return ""
+    samples = ", ".join(f"{v / 1e9:.2f}" for v in hw["extra"].get("bandwidth_samples", []))
+    return (f" Read bandwidth per round: {samples} GB/s; measured again after the timed steps: "
+            f"{after['bandwidth'] / 1e9:.2f} GB/s ({after['bandwidth'] / hw['bandwidth'] - 1:+.0%}; a memory-bound "
+            "prediction scales with 1 / bandwidth).")
+
+
 def write_md(path: Path, data: dict) -> None:
     p, hw = data["provenance"], data["cpu_profile"]
     lines = [f"# Decode speed at scale ({p['weights']})", "",
@@ -303,7 +316,8 @@ def write_md(path: Path, data: dict) -> None:
              f"transformers {p['transformers']}, Python {p['python']}, {p['threads']} thread(s), {p['dtype']}, "
              f"{p['time_utc']}.", "",
              f"CPU profile ({hw['source']}): read bandwidth {hw['bandwidth'] / 1e9:.2f} GB/s, copy "
-             f"{hw['extra']['copy_bandwidth'] / 1e9:.2f} GB/s, {hw['flops'] / 1e9:.1f} GFLOP/s.", "",
+             f"{hw['extra']['copy_bandwidth'] / 1e9:.2f} GB/s, {hw['flops'] / 1e9:.1f} GFLOP/s.{drift_line(data)}",
+             "",
              "Caches are filled directly to the context (seeded random K/V or states of the right shapes); a step is "
              "one token for every sequence of the batch. Predicted = max(bytes / bandwidth, FLOPs / FLOP rate) of "
              "the matrices plus the same of the attention (hf_attn_swap/eval/roofline.py); error = measured / predicted - 1.", "",
@@ -428,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--cpu-mb", type=int, default=256, help="tensor size of the bandwidth microbenchmark")
+    ap.add_argument("--cpu-mb", type=int, default=1024, help="tensor size of the bandwidth microbenchmark (MiB)")
     ap.add_argument("--profile-context", type=int, default=None, help="context of the profiled step (default: the "
                     "largest measured that fits at the largest batch)")
     ap.add_argument("--plan-models", type=lambda s: s.split(","), default=list(rl.PUBLISHED_MODELS))
@@ -476,11 +490,15 @@ def main(argv: list[str] | None = None) -> int:
         models = build_models(model, specs)
         t0 = time.perf_counter()
         rows = measure(args, models, shape, vshapes, hw)
+        # the bandwidth again, after the grid: the predictions use the first figure, this one shows whether the
+        # machine (a shared VM) drifted while the steps were timed
+        after = rl.measure_cpu(args.threads, size_mb=args.cpu_mb)
         done = [r for r in rows if "measured_ms" in r]
         # the measurements are kept before profiling: a run stopped there (time, memory) still has its tables
         prov = provenance(args, model, str(next(model.parameters()).dtype))  # hashes the weights: once
         partial = {"provenance": prov,
-                   "cpu_profile": hw.to_dict(), "model_shape": shape.to_dict(), "measured": rows,
+                   "cpu_profile": hw.to_dict(), "cpu_profile_after": after.to_dict(), "model_shape": shape.to_dict(),
+                   "measured": rows,
                    "speedups": speedups(rows), "profile": [], "gpu_profiles": [], "plan": []}
         out.with_suffix(".json").write_text(json.dumps(partial, indent=2))
         profile = []
@@ -491,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
         profile.sort(key=lambda r: (r["cache"], r["variant"]))
     data = {
         "provenance": prov,
-        "cpu_profile": hw.to_dict(), "model_shape": shape.to_dict(),
+        "cpu_profile": hw.to_dict(), "cpu_profile_after": after.to_dict(), "model_shape": shape.to_dict(),
         "measured": rows, "speedups": speedups(rows), "profile": profile,
         "gpu_profiles": [h.to_dict() for h in rl.GPU_PROFILES.values()], "plan": projections(args),
         "wall_s": time.perf_counter() - t0,

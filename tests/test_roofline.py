@@ -141,8 +141,13 @@ def test_hardware_profiles():
                                "dtype": "bf16", "source": "s"})
     with pytest.raises(ValueError, match="unknown hardware 'X100'; allowed: A100-80GB, H100-SXM, H200, cpu"):
         rl.get_hardware("X100")
-    cpu = rl.measure_cpu(1, size_mb=8, matmul=128, min_run_time=0.05)
+    cpu = rl.measure_cpu(1, size_mb=8, matmul=128, min_run_time=0.05, rounds=3)
     assert cpu.bandwidth > 1e8 and cpu.flops > 1e8 and cpu.memory > 0 and cpu.extra["threads"] == 1
+    # the figure is the median of the rounds, each kept
+    assert len(cpu.extra["bandwidth_samples"]) == 3 == len(cpu.extra["copy_samples"])
+    assert cpu.bandwidth == sorted(cpu.extra["bandwidth_samples"])[1]
+    with pytest.raises(ValueError, match="rounds must be >= 1, got 0"):
+        rl.measure_cpu(1, size_mb=8, matmul=128, rounds=0)
 
 
 def test_plan_projects_time_batch_and_bytes():

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import statistics
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -422,19 +423,29 @@ GPU_PROFILES: dict[str, Hardware] = {
 }
 
 
-def measure_cpu(threads: int | None = 1, *, size_mb: int = 256, matmul: int = 1024, dtype: str = "float32",
-                min_run_time: float = 0.5) -> Hardware:
+def measure_cpu(threads: int | None = 1, *, size_mb: int = 1024, matmul: int = 1024, dtype: str = "float32",
+                min_run_time: float = 0.5, rounds: int = 3) -> Hardware:
     """This machine's CPU profile, measured with ``torch.utils.benchmark`` at ``threads`` threads.
 
     Bandwidth: ``x.sum()`` over a ``size_mb`` tensor (reads only, what a decode step mostly does); the copy rate
-    ``y.copy_(x)`` (read + write) is kept in ``extra``. FLOP rate: a square ``matmul`` of that size. Memory: the
-    memory available now (what a measurement may use).
+    ``y.copy_(x)`` (read + write) is kept in ``extra``. Each is the median of ``rounds`` rounds, the two timed in
+    turn in every round, so that a neighbour's burst on a shared machine moves one sample, not the figure; every
+    round's rate is kept in ``extra`` (``bandwidth_samples``, ``copy_samples``) to show the spread. FLOP rate: a
+    square ``matmul`` of that size. Memory: the memory available now (what a measurement may use).
+
+    The buffer is 1 GiB by default because smaller ones read partly from the last-level cache: on the 2-core VM
+    this was built on, 64 MiB read at 22 GB/s, 256 MiB at 9.6-11.8 GB/s from one run to the next, 1-2 GiB at
+    11.1-11.8 GB/s. It is capped at an eighth of the memory available (two buffers are allocated).
     """
     import psutil
     import torch
     from torch.utils import benchmark
 
+    if rounds < 1:
+        raise ValueError(f"measure_cpu: rounds must be >= 1, got {rounds}")
     tdt = getattr(torch, dtype)
+    avail = psutil.virtual_memory().available
+    size_mb = max(8, min(size_mb, int(avail // 8 // 2**20)))
     n = max(1, size_mb * 2**20 // torch.empty((), dtype=tdt).element_size())
     x = torch.rand(n, dtype=tdt)
     y = torch.empty_like(x)
@@ -445,19 +456,23 @@ def measure_cpu(threads: int | None = 1, *, size_mb: int = 256, matmul: int = 10
     def med(stmt: str, env: dict) -> float:
         return benchmark.Timer(stmt, globals=env, num_threads=nt).blocked_autorange(min_run_time=min_run_time).median
 
-    t_sum = med("x.sum()", {"x": x})
-    t_copy = med("y.copy_(x)", {"x": x, "y": y})
-    t_mm = med("a @ b", {"a": a, "b": bmat})
     nbytes = x.numel() * x.element_size()
+    reads, copies = [], []
+    for _ in range(rounds):
+        reads.append(nbytes / med("x.sum()", {"x": x}))
+        copies.append(2 * nbytes / med("y.copy_(x)", {"x": x, "y": y}))
+    del x, y
+    t_mm = med("a @ b", {"a": a, "b": bmat})
     return Hardware(
         name="cpu (measured)",
-        bandwidth=nbytes / t_sum,
+        bandwidth=statistics.median(reads),
         flops=2 * matmul**3 / t_mm,
         memory=float(psutil.virtual_memory().available),
         dtype=dtype,
-        source=f"measured here with torch.utils.benchmark at {nt} thread(s): sum of {size_mb} MiB, "
-               f"{matmul}x{matmul} matmul, {dtype}",
-        extra={"copy_bandwidth": 2 * nbytes / t_copy, "threads": nt},
+        source=f"measured here with torch.utils.benchmark at {nt} thread(s): sum of {size_mb} MiB (median of "
+               f"{rounds} rounds), {matmul}x{matmul} matmul, {dtype}",
+        extra={"copy_bandwidth": statistics.median(copies), "threads": nt, "size_mb": size_mb,
+               "bandwidth_samples": reads, "copy_samples": copies},
     )
 
 
