@@ -234,6 +234,56 @@ def test_compiled_forward_never_falls_back_to_eager_code_past_dynamos_recompile_
     torch._dynamo.reset()
 
 
+def _packed_weights() -> int:
+    """How many weight matrices prepacked for the CPU GEMM are alive in this process: what freezing bakes into each
+    compiled graph (one per linear layer), so the count of graphs' weights alive."""
+    import gc
+    import warnings
+
+    with warnings.catch_warnings():  # gc also finds deprecated torch objects, which warn when touched
+        warnings.simplefilter("ignore")
+        return sum(type(o) is torch.Tensor and o.layout == torch._mkldnn for o in gc.get_objects())
+
+
+def test_compiled_graphs_frozen_weights_do_not_pile_up():
+    """A frozen graph keeps its own prepacked copy of the weights for the life of the process unless released: a
+    compiled grid on SmolLM2 grew by ~1 GB a cell. With release_compiled_graphs between shapes only the latest graph's
+    copy stays (torch holds on to its last compiled graph until the next compilation), and the compiled function
+    still computes the model (it compiles again)."""
+    from hf_attn_swap.eval import speed
+
+    speed.release_compiled_graphs()
+    base = _packed_weights()
+    model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.Linear(256, 256)).eval()
+    forward = speed.compiled_forward(model)
+    with torch.no_grad(), num_threads(1):
+        forward(torch.ones(1, 256))
+        forward(torch.ones(2, 256))
+        assert _packed_weights() - base == 4  # the failure guarded against: two shapes, two graphs, four copies
+        speed.release_compiled_graphs()
+        for rows in (3, 4, 5):
+            torch.testing.assert_close(forward(torch.ones(rows, 256)), model(torch.ones(rows, 256)))
+            speed.release_compiled_graphs()
+            assert _packed_weights() - base <= 2, rows  # at most the latest graph's copies
+
+
+def test_compiled_measurement_frees_each_cells_graphs(mha, monkeypatch):
+    """compare_speed(compile=True) releases the graphs after each cell: the copies alive after the second cell are no
+    more than after the first."""
+    from hf_attn_swap.eval import speed
+
+    speed.release_compiled_graphs()
+    base, counts, real = _packed_weights(), [], speed.release_compiled_graphs
+    monkeypatch.setattr(speed, "release_compiled_graphs", lambda: (real(), counts.append(_packed_weights() - base)))
+    with num_threads(1):
+        res, errors = speed.compare_speed({"a": mha}, prefill_lengths=[], decode_contexts=[16, 24],
+                                          decode_batch_sizes=[2], steps=1, decode_warmup=1, fill="random",
+                                          cache="static", compile=True)
+    assert not errors, errors
+    assert [r["compiled"] for r in res["a"]["decode"]] == [True, True]
+    assert len(counts) == 2 and 0 < counts[1] <= counts[0], counts  # 0 <: the graphs do hold packed weights
+
+
 def test_hybrid_cache_is_window_plus_state(mha):
     """linear with a softmax window: K/V of window - 1 tokens plus the recurrent state, constant past the window."""
     hy = swap_attention(copy.deepcopy(mha), "linear", feature_map="hedgehog", num_features=8, window=12)

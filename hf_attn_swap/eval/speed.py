@@ -23,6 +23,7 @@ import gc
 import logging
 import platform
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterator, Sequence
@@ -272,7 +273,8 @@ def compare_speed(
             ``StaticCache`` written in place: no per-step concatenation; only for variants without their own cache
             layer, needs ``fill="random"``).
         compile: time a ``torch.compile``-d forward (with ``cache="static"``: one graph for every step; on a CPU with
-            inductor's ``freezing``, weights as prepacked constants).
+            inductor's ``freezing``, weights as prepacked constants). After each (context, batch) cell every
+            compiled graph of the process is freed (:func:`release_compiled_graphs`).
 
     Returns:
         ``(results, errors)``: ``results[name] = {"prefill": [...], "decode": [...]}`` with the cells of
@@ -393,6 +395,8 @@ def compare_speed(
                     "compiled": bool(compile),
                 })
             state.clear()  # free the caches before the next cell
+            if compile:  # and this cell's graphs: the next cell's shapes compile their own
+                release_compiled_graphs()
             gc.collect()
     bar.close()
     return results, errors
@@ -437,6 +441,35 @@ def compiled_forward(model: nn.Module) -> Callable[..., Any]:
             return forward(*args, **kwargs)
 
     return call
+
+
+def release_compiled_graphs() -> None:
+    """Free every graph ``torch.compile`` holds in this process, with the weight copies freezing baked into them.
+
+    A frozen graph keeps its weights (and their prepacked copies) as globals of the module inductor generated, and
+    inductor keeps each such module in ``sys.modules`` and in its own code cache for the life of the process:
+    ``torch.compiler.reset()`` alone frees none of it. A compiled measurement compiles a graph per (model, batch,
+    cache length) cell, so without this a grid grows by about two copies of the weights a cell (SmolLM2: ~1 GB); a
+    grid at 8k x 1 had used 20 of 24 GiB, and the larger cells would have been skipped as not fitting. Called
+    between cells, when that cell's graphs can never run again: what stays is the most recent graph, which torch
+    itself holds on to until the next compilation (measured: one graph's copies, however many cells). Every other
+    compiled function of the process compiles anew at its next call.
+    """
+    torch.compiler.reset()
+    try:
+        from torch._inductor.codecache import PyCodeCache
+    except ImportError:  # no inductor: nothing of it to free
+        return
+    loaded = getattr(PyCodeCache, "modules", None)  # inductor's own list of the modules it generated and loaded
+    if loaded is None:
+        logger.warning("release_compiled_graphs: this torch's inductor keeps no PyCodeCache.modules; compiled "
+                       "graphs' weights stay in memory until the process ends")
+        return
+    for mod in list(loaded):
+        if sys.modules.get(mod.__name__) is mod:
+            del sys.modules[mod.__name__]
+    PyCodeCache.cache_clear()
+    gc.collect()
 
 
 def _one(model: nn.Module, **kw: Any) -> dict[str, list[dict[str, Any]]]:
@@ -507,4 +540,4 @@ def decode_throughput(
 
 
 __all__ = ["COMPILED_GRAPHS_LIMIT", "Timing", "available_memory", "check_cache_fits", "compare_speed", "compiled_forward",
-           "decode_throughput", "environment", "num_threads", "prefill_latency", "time_fn"]
+           "decode_throughput", "environment", "num_threads", "prefill_latency", "release_compiled_graphs", "time_fn"]

@@ -77,7 +77,7 @@ def profile_decode_step(model: torch.nn.Module, context: int, batch: int = 1, *,
     ``static``: one graph for every step)."""
     from ..hf_compat import cache_kwarg
     from .cache_fill import fill_cache
-    from .speed import compiled_forward
+    from .speed import compiled_forward, release_compiled_graphs
 
     if compile and not static:
         raise ValueError("profile_decode_step: compile=True needs static=True (a dynamic cache recompiles as it grows)")
@@ -88,7 +88,12 @@ def profile_decode_step(model: torch.nn.Module, context: int, batch: int = 1, *,
     gen = torch.Generator().manual_seed(context)
     nxt = torch.randint(0, model.config.vocab_size, (batch, 1), generator=gen).to(next(model.parameters()).device)
     forward = compiled_forward(model) if compile else model
-    return profile_step(lambda: forward(input_ids=nxt, **{name: cache}, use_cache=True), steps=steps, warmup=warmup)
+    try:
+        return profile_step(lambda: forward(input_ids=nxt, **{name: cache}, use_cache=True), steps=steps,
+                            warmup=warmup)
+    finally:
+        if compile:  # its graph fits only this cache: free it and its frozen weights (release_compiled_graphs)
+            release_compiled_graphs()
 
 
 __all__ = ["profile_decode_step", "profile_step"]
