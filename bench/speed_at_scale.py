@@ -33,6 +33,7 @@ import torch
 
 from hf_attn_swap import swap_attention
 from hf_attn_swap.eval import roofline as rl
+from hf_attn_swap.eval.report import huge_pages_note
 from hf_attn_swap.eval.speed import compare_speed, num_threads
 from hf_attn_swap.eval.step_profile import profile_decode_step
 from hf_attn_swap.specs import parse_variant_list
@@ -314,7 +315,7 @@ def write_md(path: Path, data: dict) -> None:
     lines = [f"# Decode speed at scale ({p['weights']})", "",
              f"Command: `{p['command']}`  ", f"Commit {p['commit']} (dirty: {p['dirty']}), torch {p['torch']}, "
              f"transformers {p['transformers']}, Python {p['python']}, {p['threads']} thread(s), {p['dtype']}, "
-             f"{p['time_utc']}.", "",
+             f"{p['time_utc']}{huge_pages_note(p.get('huge_pages'))}.", "",
              f"CPU profile ({hw['source']}): read bandwidth {hw['bandwidth'] / 1e9:.2f} GB/s, copy "
              f"{hw['extra']['copy_bandwidth'] / 1e9:.2f} GB/s, {hw['flops'] / 1e9:.1f} GFLOP/s.{drift_line(data)}",
              "",

@@ -147,10 +147,33 @@ def test_provenance_has_every_field(tiny_dir):
     assert p["versions"]["torch"] == torch.__version__ and p["versions"]["transformers"]
     assert p["models"][0]["weights_sha256"]["model.safetensors"] == _sha(tiny_dir / "model.safetensors")
     assert p["corpora"][0]["sha256"]
-    assert set(p) >= {"git", "platform", "cpu", "cpu_count", "load_average", "date_utc"}
+    assert set(p) >= {"git", "platform", "cpu", "cpu_count", "huge_pages", "load_average", "date_utc"}
     json.dumps(p)  # serialisable as is
     if shutil.which("git") and (ROOT / ".git").exists():
         assert p["git"]["commit"] == _git(ROOT, "rev-parse", "HEAD")
+
+
+@pytest.mark.parametrize("mode,switch,tensors", [
+    ("always", None, True), ("madvise", "1", True), ("madvise", None, False), ("madvise", "0", False),
+    ("never", "1", False),
+])
+def test_huge_pages_follow_the_kernel_mode_and_torchs_switch(tmp_path, monkeypatch, mode, switch, tensors):
+    """Memory-bound timings move by about a third with the page size, so every record says which one large tensors
+    got: the kernel's transparent-huge-page mode and torch's THP_MEM_ALLOC_ENABLE together decide it."""
+    from hf_attn_swap.eval.report import huge_pages_note
+
+    setting = tmp_path / "enabled"
+    setting.write_text(" ".join(f"[{m}]" if m == mode else m for m in ("always", "madvise", "never")) + "\n")
+    monkeypatch.setattr(prov, "THP_SETTING", setting)
+    if switch is None:
+        monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    else:
+        monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", switch)
+    got = prov.huge_pages()
+    assert got == {"transparent_hugepage": mode, "THP_MEM_ALLOC_ENABLE": switch, "tensors": tensors}
+    assert huge_pages_note(got) == f"; large tensors on {'2 MiB' if tensors else '4 KiB'} pages"
+    monkeypatch.setattr(prov, "THP_SETTING", tmp_path / "absent")  # no such setting (not Linux): unknown, no huge pages
+    assert prov.huge_pages()["transparent_hugepage"] is None and not prov.huge_pages()["tensors"]
 
 
 @pytest.mark.real

@@ -265,6 +265,14 @@ def domain_tables(ok: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def huge_pages_note(pages: dict[str, Any] | None) -> str:
+    """``; large tensors on 2 MiB pages`` or ``on 4 KiB pages`` (:func:`hf_attn_swap.provenance.huge_pages`), '' for
+    records from before it was kept."""
+    if not pages:
+        return ""
+    return "; large tensors on " + ("2 MiB" if pages.get("tensors") else "4 KiB") + " pages"
+
+
 def provenance_lines(prov: dict[str, Any] | None) -> list[str]:
     """A short "Provenance" section (code revision, weights, text) from :func:`hf_attn_swap.provenance.provenance`;
     the full record is in the JSON."""
@@ -278,7 +286,8 @@ def provenance_lines(prov: dict[str, Any] | None) -> list[str]:
     versions = prov.get("versions") or {}
     lines = ["## Provenance", "",
              f"- Code: hf_attn_swap {versions.get('hf-attn-swap')}, {code}; run {prov.get('date_utc')} on "
-             f"{prov.get('cpu')} ({prov.get('cpu_count')} CPUs, load average {prov.get('load_average')})."]
+             f"{prov.get('cpu')} ({prov.get('cpu_count')} CPUs, load average {prov.get('load_average')})"
+             f"{huge_pages_note(prov.get('huge_pages'))}."]
     lines += [f"- Weights: {weights_summary(m)}." for m in prov.get("models") or []]
     for c in prov.get("corpora") or []:
         where = c.get("package") or c.get("path")
