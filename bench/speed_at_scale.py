@@ -298,6 +298,16 @@ def goal_lines(data: dict) -> list[str]:
     return lines + [""]
 
 
+def bandwidth_drift(data: dict) -> dict | None:
+    """The read bandwidth the predictions use and the one measured after the timed steps, GB/s, and the change
+    (None for runs from before the second measurement)."""
+    hw, after = data["cpu_profile"], data.get("cpu_profile_after")
+    if not after:
+        return None
+    return {"before_gb_s": hw["bandwidth"] / 1e9, "after_gb_s": after["bandwidth"] / 1e9,
+            "change": after["bandwidth"] / hw["bandwidth"] - 1}
+
+
 def drift_line(data: dict) -> str:
     """The bandwidth measured again after the grid, against the figure the predictions use ('' for runs before this
     was recorded)."""
@@ -465,6 +475,7 @@ def main(argv: list[str] | None = None) -> int:
         data = json.loads(out.with_suffix(".json").read_text())
         data["goals"] = goals(data)
         data["prediction"] = prediction_accuracy(data)
+        data["bandwidth_drift"] = bandwidth_drift(data)
         out.with_suffix(".json").write_text(json.dumps(data, indent=2))
         write_md(out.with_suffix(".md"), data)
         plot(out, data)
@@ -517,6 +528,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     data["goals"] = goals(data)
     data["prediction"] = prediction_accuracy(data)
+    data["bandwidth_drift"] = bandwidth_drift(data)
     out.with_suffix(".json").write_text(json.dumps(data, indent=2))
     write_md(out.with_suffix(".md"), data)
     files = plot(out, data)
