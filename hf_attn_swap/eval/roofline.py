@@ -435,7 +435,10 @@ def measure_cpu(threads: int | None = 1, *, size_mb: int = 1024, matmul: int = 1
 
     The buffer is 1 GiB by default because smaller ones read partly from the last-level cache: on the 2-core VM
     this was built on, 64 MiB read at 22 GB/s, 256 MiB at 9.6-11.8 GB/s from one run to the next, 1-2 GiB at
-    11.1-11.8 GB/s. It is capped at an eighth of the memory available (two buffers are allocated).
+    11.1-11.8 GB/s. It is capped at an eighth of the memory available (two buffers are allocated). The buffers come
+    from torch's allocator, as a step's weights and caches do, so they get the same page size: 4 KiB by default,
+    2 MiB with ``THP_MEM_ALLOC_ENABLE=1`` (there the same read ran at ~15 GB/s; results record which,
+    :func:`hf_attn_swap.provenance.huge_pages`).
     """
     import psutil
     import torch

@@ -444,7 +444,8 @@ def compiled_forward(model: nn.Module) -> Callable[..., Any]:
 
 
 def release_compiled_graphs() -> None:
-    """Free every graph ``torch.compile`` holds in this process, with the weight copies freezing baked into them.
+    """Free the graphs ``torch.compile`` holds in this process (all but the latest, below), with the weight copies
+    freezing baked into them.
 
     A frozen graph keeps its weights (and their prepacked copies) as globals of the module inductor generated, and
     inductor keeps each such module in ``sys.modules`` and in its own code cache for the life of the process:
