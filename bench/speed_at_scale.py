@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import json
 import logging
 import math
@@ -79,16 +78,8 @@ def build_models(model: torch.nn.Module, specs: list[tuple[str, dict]]) -> dict[
     return out
 
 
-def cell_rate(args) -> "rl.Hardware":
-    """A short measurement of the CPU's read bandwidth and FLOP rate (one round, ~1 s), taken before and after each
-    cell: on a shared VM they move while a grid runs (by a quarter within one 19-minute run here), and a cell's
-    prediction should use the machine it ran on."""
-    return rl.measure_cpu(args.threads, size_mb=args.cpu_mb, rounds=1, min_run_time=0.2)
-
-
 def measure(args, models, shape, vshapes, hw) -> list[dict]:
-    """Every (cache, context, batch) cell, round-robin over the models; predictions beside the measurements, from
-    the rates measured around the cell (``--cell-bandwidth``, the default) or from ``hw``."""
+    """Every (cache, context, batch) cell, round-robin over the models; predictions beside the measurements."""
     from hf_attn_swap.eval.speed import check_cache_fits
 
     rows = []
@@ -110,7 +101,6 @@ def measure(args, models, shape, vshapes, hw) -> list[dict]:
                         del cell[k]
                 if not cell:
                     continue
-                rates = [cell_rate(args)] if args.cell_bandwidth else []
                 try:
                     res, errors = compare_speed(cell, decode_contexts=[c], decode_batch_sizes=[b], steps=args.steps,
                                                 decode_warmup=args.warmup, fill="random", cache=mode,
@@ -119,12 +109,6 @@ def measure(args, models, shape, vshapes, hw) -> list[dict]:
                     logger.warning("skipped %s cache, context %d x batch %d: %s", mode, c, b, err)
                     rows.append({"cache": mode, "context": c, "batch": b, "skipped": str(err)})
                     continue
-                # the machine's rates while this cell ran (mean of before and after), where measured around it
-                cell_hw = hw
-                if rates:
-                    rates.append(cell_rate(args))
-                    cell_hw = dataclasses.replace(hw, bandwidth=statistics.mean(r.bandwidth for r in rates),
-                                                  flops=statistics.mean(r.flops for r in rates))
                 for k, r in res.items():
                     if k in errors:
                         rows.append({"cache": mode, "variant": k, "context": c, "batch": b, "error": errors[k]})
@@ -132,14 +116,12 @@ def measure(args, models, shape, vshapes, hw) -> list[dict]:
                     cell = r["decode"][0]
                     mid = c + args.warmup + args.steps // 2  # the context grows during the measurement
                     cost = rl.decode_cost(shape, vshapes[k], mid, batch=b, dtype_bytes=4)
-                    pred = cell_hw.time_s(cost) * 1e3
+                    pred = hw.time_s(cost) * 1e3
                     rows.append({"cache": mode, "variant": k, "context": c, "batch": b,
                                  "measured_ms": cell["median_ms"], "q1_ms": cell["q1_ms"], "q3_ms": cell["q3_ms"],
                                  "predicted_ms": pred, "error": cell["median_ms"] / pred - 1,
-                                 "bound": cell_hw.bound(cost), "bytes": cost.bytes, "flops": cost.flops,
-                                 "kv_bytes": cell["kv_bytes"], "compiled": cell["compiled"],
-                                 "bandwidth": cell_hw.bandwidth, "flop_rate": cell_hw.flops,
-                                 "bandwidth_around": [r.bandwidth for r in rates]})
+                                 "bound": hw.bound(cost), "bytes": cost.bytes, "flops": cost.flops,
+                                 "kv_bytes": cell["kv_bytes"], "compiled": cell["compiled"]})
                 logger.info("%s cache, context %d x batch %d: %s", mode, c, b,
                             ", ".join(f"{r['variant']} {r['measured_ms']:.1f}/{r['predicted_ms']:.1f} ms"
                                       for r in rows if r.get("context") == c and r.get("batch") == b
@@ -349,24 +331,19 @@ def write_md(path: Path, data: dict) -> None:
              "",
              "Caches are filled directly to the context (seeded random K/V or states of the right shapes); a step is "
              "one token for every sequence of the batch. Predicted = max(bytes / bandwidth, FLOPs / FLOP rate) of "
-             "the matrices plus the same of the attention (hf_attn_swap/eval/roofline.py); error = measured / predicted - 1."
-             + (" Each cell is predicted from the read bandwidth and FLOP rate measured just before and after it "
-                "(their mean; read bandwidth in the table), since a shared VM's rates move while a grid runs."
-                if any(r.get("bandwidth_around") for r in data["measured"]) else ""), "",
+             "the matrices plus the same of the attention (hf_attn_swap/eval/roofline.py); error = measured / predicted - 1.", "",
              *goal_lines(data),
              *prediction_lines(data),
              "## Measured against predicted (ms per step)", "",
-             "| cache | variant | context | batch | measured | predicted | error | bound | GB/s |",
-             "|---|---|---:|---:|---:|---:|---:|---|---:|"]
+             "| cache | variant | context | batch | measured | predicted | error | bound |", "|---|---|---:|---:|---:|---:|---:|---|"]
     for r in data["measured"]:
         if "skipped" in r:
             lines.append(f"| {r['cache']} | {r.get('variant', '(all)')} | {r['context']} | {r['batch']} | skipped: "
-                         f"{r['skipped']} | | | | |")
+                         f"{r['skipped']} | | | |")
         elif "measured_ms" in r:
-            rate = r.get("bandwidth") or hw["bandwidth"]  # runs before per-cell rates: the one profile
             lines.append(f"| {r['cache']}{' (compiled)' if r['compiled'] else ''} | {r['variant']} | {r['context']} | "
                          f"{r['batch']} | {r['measured_ms']:.1f} | {r['predicted_ms']:.1f} | {r['error']:+.0%} | "
-                         f"{r['bound']} | {rate / 1e9:.2f} |")
+                         f"{r['bound']} |")
     lines += ["", "## Speed-up over the baseline, measured and predicted", "",
               "| cache | variant | context | batch | measured | predicted | measured/predicted |",
               "|---|---|---:|---:|---:|---:|---:|"]
@@ -477,9 +454,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cpu-mb", type=int, default=1024, help="tensor size of the bandwidth microbenchmark (MiB)")
-    ap.add_argument("--cell-bandwidth", action=argparse.BooleanOptionalAction, default=True,
-                    help="predict each cell from the bandwidth and FLOP rate measured just before and after it "
-                    "(default; --no-cell-bandwidth: from the one profile measured at the start)")
     ap.add_argument("--profile-context", type=int, default=None, help="context of the profiled step (default: the "
                     "largest measured that fits at the largest batch)")
     ap.add_argument("--plan-models", type=lambda s: s.split(","), default=list(rl.PUBLISHED_MODELS))

@@ -218,20 +218,12 @@ def test_speed_at_scale_results_command_end_to_end(tmp_path, monkeypatch):
                                                            ("static", "baseline"), ("static", "mqa")}
     assert {(r["variant"], r["context"]) for r in done if r["context"] == 4096} == {("sliding_window:window=8", 4096)}
     assert all(r["predicted_ms"] > 0 for r in done)
-    # each cell predicted from the rates measured around it (a shared VM's move during a run), recorded beside it
-    for r in done:
-        assert len(r["bandwidth_around"]) == 2 and r["bandwidth"] == pytest.approx(sum(r["bandwidth_around"]) / 2)
-    memory_bound = [r for r in done if r["bound"] == "memory"]
-    assert memory_bound and all(r["predicted_ms"] == pytest.approx(r["bytes"] / r["bandwidth"] * 1e3)
-                                for r in memory_bound)
-    assert data["bandwidth_drift"]["after_gb_s"] > 0
     skipped = {(r["cache"], r["variant"]) for r in data["measured"] if "does not fit" in r.get("skipped", "")}
     assert skipped == {("dynamic", "baseline"), ("dynamic", "mqa"), ("static", "baseline"), ("static", "mqa")}
     assert {r["variant"] for r in data["plan"]} == {"baseline", "mqa", "sliding_window:window=4096", "linear",
                                                     "hybrid:window=64"}
     md = out.with_suffix(".md").read_text()
     assert "## Measured against predicted" in md and "## Projected" in md and "datasheet" in md
-    assert "measured again after the timed steps" in md and "measured just before and after it" in md
     assert (tmp_path / "res" / "sas_decode.png").stat().st_size > 0
     assert (tmp_path / "res" / "sas_projected.png").stat().st_size > 0
     # no point at 8k x 8 in this run: the goals section says so instead of inventing a verdict
