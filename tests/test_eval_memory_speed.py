@@ -245,6 +245,16 @@ def _packed_weights() -> int:
         return sum(type(o) is torch.Tensor and o.layout == torch._mkldnn for o in gc.get_objects())
 
 
+def _settle_compiled_graphs() -> int:
+    """Release every compiled graph, after compiling one without weights (torch keeps its latest graph alive until
+    the next compilation, which may be an earlier test's, holding weights); the packed weights then alive."""
+    from hf_attn_swap.eval import speed
+
+    torch.compile(lambda x: x + 1)(torch.ones(3))
+    speed.release_compiled_graphs()
+    return _packed_weights()
+
+
 def test_compiled_graphs_frozen_weights_do_not_pile_up():
     """A frozen graph keeps its own prepacked copy of the weights for the life of the process unless released: a
     compiled grid on SmolLM2 grew by ~1 GB a cell. With release_compiled_graphs between shapes only the latest graph's
@@ -252,8 +262,7 @@ def test_compiled_graphs_frozen_weights_do_not_pile_up():
     still computes the model (it compiles again)."""
     from hf_attn_swap.eval import speed
 
-    speed.release_compiled_graphs()
-    base = _packed_weights()
+    base = _settle_compiled_graphs()
     model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.Linear(256, 256)).eval()
     forward = speed.compiled_forward(model)
     with torch.no_grad(), num_threads(1):
@@ -272,8 +281,7 @@ def test_compiled_measurement_frees_each_cells_graphs(mha, monkeypatch):
     more than after the first."""
     from hf_attn_swap.eval import speed
 
-    speed.release_compiled_graphs()
-    base, counts, real = _packed_weights(), [], speed.release_compiled_graphs
+    base, counts, real = _settle_compiled_graphs(), [], speed.release_compiled_graphs
     monkeypatch.setattr(speed, "release_compiled_graphs", lambda: (real(), counts.append(_packed_weights() - base)))
     with num_threads(1):
         res, errors = speed.compare_speed({"a": mha}, prefill_lengths=[], decode_contexts=[16, 24],
