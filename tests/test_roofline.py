@@ -224,6 +224,8 @@ def test_speed_at_scale_results_command_end_to_end(tmp_path, monkeypatch):
                                                     "hybrid:window=64"}
     md = out.with_suffix(".md").read_text()
     assert "## Measured against predicted" in md and "## Projected" in md and "datasheet" in md
+    # the bandwidth read again after the timed steps, beside the figure the predictions use
+    assert data["bandwidth_drift"]["after_gb_s"] > 0 and "measured again after the timed steps" in md
     assert (tmp_path / "res" / "sas_decode.png").stat().st_size > 0
     assert (tmp_path / "res" / "sas_projected.png").stat().st_size > 0
     # no point at 8k x 8 in this run: the goals section says so instead of inventing a verdict
