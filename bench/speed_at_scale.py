@@ -320,6 +320,36 @@ def drift_line(data: dict) -> str:
             "prediction scales with 1 / bandwidth).")
 
 
+#: the README's projection table: the MHA model a user would convert on one H100, and the 70B on the fewest H200s
+#: that hold it, at batch 16 (where the cache, not the weights, decides the step at long contexts)
+README_PROJECTION = (("llama-2-7b", "H100-SXM"), ("llama-3-70b", "2x H200"))
+README_PROJECTION_CONTEXTS = (8192, 32768, 131072)
+
+
+def readme_projection(data: dict) -> str:
+    """A Markdown table of this run's projections for the README (``python -m hf_attn_swap.readme`` calls it with the
+    JSON): per model and variant, ms per decode step at three contexts, the cache per sequence and the largest batch
+    that fits at the longest."""
+    rows = {(r["model"], r["hardware"], r["variant"], r["context"], r["batch"]): r for r in data["plan"]}
+    first, *_, last = README_PROJECTION_CONTEXTS
+    head = " | ".join(f"ms/step at {c // 1024}k" for c in README_PROJECTION_CONTEXTS)
+    lines = [f"| model, hardware (bf16, batch 16) | variant | {head} | cache/seq at {last // 1024}k | "
+             f"largest batch at {last // 1024}k |", "|---|---|" + "---:|" * (len(README_PROJECTION_CONTEXTS) + 2)]
+    for model, hw in README_PROJECTION:
+        variants = dict.fromkeys(r["variant"] for r in data["plan"] if (r["model"], r["hardware"]) == (model, hw))
+        for v in variants:
+            cells = [rows.get((model, hw, v, c, 16)) for c in README_PROJECTION_CONTEXTS]
+            if any(c is None for c in cells):
+                continue
+            mb = cells[-1]["max_batch"]
+            # * where 16 sequences' caches do not fit beside the weights: the time is what they would take
+            lines.append(f"| {model}, {hw} | {v} | "
+                         + " | ".join(f"{c['ms_per_step']:.3g}{'*' if c['max_batch'] < 16 else ''}" for c in cells)
+                         + f" | {rl.human_bytes(cells[-1]['cache_bytes_per_seq'])} | "
+                         f"{'unbounded' if mb >= 10**9 else mb} |")
+    return "\n".join(lines + ["", "\\* a batch of 16 does not fit there (largest batch below 16)."])
+
+
 def write_md(path: Path, data: dict) -> None:
     p, hw = data["provenance"], data["cpu_profile"]
     lines = [f"# Decode speed at scale ({p['weights']})", "",

@@ -296,3 +296,23 @@ def test_speed_at_scale_profiles_only_cells_that_were_measured():
     # no context common to all: each pair at its own largest measured context at the largest batch
     assert bench.profile_cells(done[2:3] + done[4:5]) == [("static", "linear", 2048, 16), ("static", "mqa", 32768, 16)]
     assert bench.profile_cells([]) == []
+
+
+def test_readme_projection_table_marks_batches_that_do_not_fit():
+    """The README's projection table (bench/speed_at_scale.py:readme_projection) comes from plan rows; a cell whose 16
+    sequences' caches do not fit beside the weights is marked, not shown as if it ran."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "speed_at_scale.py"
+    spec = importlib.util.spec_from_file_location("speed_at_scale_projection", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = rl.plan("llama-2-7b", "baseline,mqa", "H100-SXM", contexts=list(bench.README_PROJECTION_CONTEXTS), batch=16)
+    lines = bench.readme_projection({"plan": rows}).splitlines()
+    body = {line.split(" | ")[1]: line for line in lines if line.startswith("| llama-2-7b")}
+    assert set(body) == {"baseline", "mqa"}
+    for r in rows:  # every cell: its time, starred exactly where a batch of 16 does not fit
+        cell = body[r["variant"]].split(" | ")[2 + bench.README_PROJECTION_CONTEXTS.index(r["context"])]
+        assert cell == f"{r['ms_per_step']:.3g}" + ("*" if r["max_batch"] < 16 else "")
+    assert "*" in body["baseline"] and "*" not in body["mqa"]  # MHA's 8k cache x 16 exceeds one H100; MQA's does not
