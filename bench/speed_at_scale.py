@@ -247,11 +247,9 @@ def prediction_accuracy(data: dict) -> list[dict]:
             cells.setdefault((r["cache"], bool(r.get("compiled")), r["variant"]), []).append(r["error"])
     out = []
     for (cache, compiled, variant), errs in sorted(cells.items()):
-        errs = sorted(errs)
-        n = len(errs)
-        median = statistics.median(errs)
-        out.append({"cache": cache, "compiled": compiled, "variant": variant, "cells": n,
-                    "within": sum(abs(e) <= GOAL_PREDICTION_ERROR for e in errs), "median_error": median,
+        out.append({"cache": cache, "compiled": compiled, "variant": variant, "cells": len(errs),
+                    "within": sum(abs(e) <= GOAL_PREDICTION_ERROR for e in errs),
+                    "median_error": statistics.median(errs),
                     "max_error": max(errs, key=abs)})
     return out
 
@@ -311,13 +309,13 @@ def bandwidth_drift(data: dict) -> dict | None:
 def drift_line(data: dict) -> str:
     """The bandwidth measured again after the grid, against the figure the predictions use ('' for runs before this
     was recorded)."""
-    hw, after = data["cpu_profile"], data.get("cpu_profile_after")
-    if not after:
+    drift = bandwidth_drift(data)
+    if drift is None:
         return ""
-    samples = ", ".join(f"{v / 1e9:.2f}" for v in hw["extra"].get("bandwidth_samples", []))
+    samples = ", ".join(f"{v / 1e9:.2f}" for v in data["cpu_profile"]["extra"].get("bandwidth_samples", []))
     return (f" Read bandwidth per round: {samples} GB/s; measured again after the timed steps: "
-            f"{after['bandwidth'] / 1e9:.2f} GB/s ({after['bandwidth'] / hw['bandwidth'] - 1:+.0%}; a memory-bound "
-            "prediction scales with 1 / bandwidth).")
+            f"{drift['after_gb_s']:.2f} GB/s ({drift['change']:+.0%}; a memory-bound prediction scales with "
+            "1 / bandwidth).")
 
 
 #: the README's projection table: the MHA model a user would convert on one H100, and the 70B on the fewest H200s
@@ -331,7 +329,7 @@ def readme_projection(data: dict) -> str:
     JSON): per model and variant, ms per decode step at three contexts, the cache per sequence and the largest batch
     that fits at the longest."""
     rows = {(r["model"], r["hardware"], r["variant"], r["context"], r["batch"]): r for r in data["plan"]}
-    first, *_, last = README_PROJECTION_CONTEXTS
+    last = README_PROJECTION_CONTEXTS[-1]
     head = " | ".join(f"ms/step at {c // 1024}k" for c in README_PROJECTION_CONTEXTS)
     lines = [f"| model, hardware (bf16, batch 16) | variant | {head} | cache/seq at {last // 1024}k | "
              f"largest batch at {last // 1024}k |", "|---|---|" + "---:|" * (len(README_PROJECTION_CONTEXTS) + 2)]
