@@ -92,6 +92,22 @@ def test_too_short_text_is_an_error_and_writes_nothing(base, tmp_path):
     assert not out.exists()
 
 
+def test_per_layer_stage_too_large_for_memory_is_refused_before_any_text_is_prepared(base, tmp_path, monkeypatch):
+    """The check that saves a run from the OOM killer comes before the minutes of preparing text (teacher samples),
+    with what it needs and what is free, and nothing is written."""
+    from hf_attn_swap import preflight
+    from hf_attn_swap.train import pipeline
+
+    prepared = []
+    monkeypatch.setattr(pipeline, "prepare_data", lambda *a, **k: prepared.append(1))
+    monkeypatch.setattr(preflight, "available_bytes", lambda device: 10 * 2**20)
+    out = tmp_path / "never"
+    with pytest.raises(ValueError, match=r"keep 0\.[0-9] GiB .*\(200000 tokens x 32 features x 2 layers, inputs and "
+                                         r"outputs, float32\) but 0\.0 GiB is free on cpu"):
+        uptrain(small(base, out, layerwise_tokens=200_000))
+    assert not prepared and not out.exists()
+
+
 def test_every_recipe_config_is_valid():
     configs = sorted((ROOT / "recipes" / "configs").glob("uptrain_*.yaml"))
     assert configs

@@ -146,6 +146,55 @@ def test_layerwise_transfer_lowers_attention_mse():
             assert torch.equal(a, b), n
 
 
+def test_capture_keeps_exactly_what_the_teacher_modules_saw_and_said():
+    """The preallocated capture holds, batch after batch, each attention module's input and output as the teacher
+    computed them (compared with a plain hook that keeps every batch and concatenates)."""
+    from hf_attn_swap.train.layerwise import capture_teacher
+
+    teacher = tiny(layers=3)
+    batches = list(data(6, 16).split(2))
+    seen = {i: ([], []) for i in (0, 2)}
+
+    def keep(i):
+        def hook(_m, _args, kwargs, out):  # returns None: the output goes on unchanged
+            seen[i][0].append(kwargs["hidden_states"].clone())
+            seen[i][1].append(out[0].clone())
+        return hook
+
+    handles = [attention_sites(teacher)[i].module.register_forward_hook(keep(i), with_kwargs=True) for i in seen]
+    try:
+        xs, ys = capture_teacher(teacher, batches, [0, 2])
+    finally:
+        for h in handles:
+            h.remove()
+    for j, i in enumerate(seen):
+        assert xs[j].shape == (6, 16, 32) and xs[j].dtype == torch.float32
+        assert torch.equal(xs[j], torch.cat(seen[i][0])) and torch.equal(ys[j], torch.cat(seen[i][1]))
+    assert not torch.equal(ys[0], ys[1])
+
+
+def test_layerwise_refuses_a_capture_larger_than_free_memory_before_the_teacher_runs(monkeypatch):
+    from hf_attn_swap import preflight
+    from hf_attn_swap.train.layerwise import capture_bytes
+
+    teacher = tiny()
+    student = swap_attention(copy.deepcopy(teacher), "mqa", strategy="mean")
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    ids = data(8, 32)
+    need = capture_bytes(8 * 32, 32, 2)  # 2 layers' inputs and outputs, float32
+    assert need == 8 * 32 * 32 * 4 * 4
+    monkeypatch.setattr(preflight, "available_bytes", lambda device: need)  # 90% of it is allowed: not enough
+    ran = []
+    teacher.register_forward_hook(lambda *a: ran.append(1))
+    with pytest.raises(ValueError, match=r"GiB of teacher activations \(256 tokens x 32 features x 2 layers.*"
+                                         r"lower layerwise_tokens to at most 230\b"):
+        layerwise_transfer(student, teacher, ids, steps=2, batch_rows=4)
+    assert not ran
+    assert all(torch.equal(v, before[k]) for k, v in student.state_dict().items())
+    monkeypatch.setattr(preflight, "available_bytes", lambda device: 2 * need)
+    assert layerwise_transfer(student, teacher, ids, steps=2, batch_rows=4).layers
+
+
 def test_layerwise_blocks_train_whole_decoder_layers_to_the_teachers_change_of_the_residual_stream():
     """trainable="block": each decoder layer (attention, MLP, norms) learns what the teacher layer adds to its input;
     the error it reports is that of a real forward of the layer, the embeddings, final norm and teacher stay as they

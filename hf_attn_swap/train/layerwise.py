@@ -133,6 +133,73 @@ def _run_hooked(teacher: nn.Module, batches: list[torch.Tensor], handles: list, 
         teacher.train(was)
 
 
+class _Rows:
+    """One captured tensor per layer, ``(n_rows, L, E)`` float32, filled batch by batch.
+
+    The tensor is allocated once, at the first batch, and each batch is copied into its rows. Keeping the batches in
+    a list and concatenating them at the end would hold every activation twice at the peak (the list and the
+    concatenation): about 20 GB instead of 10 for 72k tokens of SmolLM2's 30 layers, inputs and outputs, which is
+    where a 24 GB machine ran out of memory.
+    """
+
+    def __init__(self, n_rows: int) -> None:
+        self.n_rows, self.filled, self.data = n_rows, 0, None
+
+    def add(self, t: torch.Tensor) -> None:
+        if self.data is None:
+            self.data = torch.empty((self.n_rows, *t.shape[1:]), dtype=torch.float32, device=t.device)
+        n = t.shape[0]
+        self.data[self.filled:self.filled + n].copy_(t.detach())  # copy_ casts to float32
+        self.filled += n
+
+    def tensor(self) -> torch.Tensor:
+        if self.data is None or self.filled != self.n_rows:
+            raise RuntimeError(f"captured {self.filled} of {self.n_rows} rows: a hooked module did not run on every "
+                               "row")
+        return self.data
+
+
+def capture_bytes(tokens: int, width: int, n_layers: int, inputs: str = "teacher") -> int:
+    """Memory the per-layer stage keeps for ``n_layers`` layers: each layer's output (and, with the teacher's inputs,
+    its input) for ``tokens`` tokens of ``width`` features in float32; with ``inputs="student"`` one set of the
+    student's own hidden states instead of every layer's inputs."""
+    tensors = 2 * n_layers if inputs == "teacher" else n_layers + 1
+    return tokens * width * 4 * tensors
+
+
+def hidden_width(model: nn.Module) -> int:
+    """Width of the hidden states the attention modules read and write (the text config's ``hidden_size``)."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    width = getattr(cfg, "hidden_size", None)
+    return int(width) if width else int(model.get_input_embeddings().embedding_dim)
+
+
+#: share of the free memory the captured activations may take: the rest is for the training steps beside them.
+CAPTURE_SHARE = 0.9
+
+
+def check_capture_fits(tokens: int, width: int, n_layers: int, device: torch.device, inputs: str = "teacher") -> int:
+    """Refuse, before anything is captured, a per-layer stage whose kept activations exceed the free memory.
+
+    Returns:
+        The bytes :func:`capture_bytes` expects.
+
+    Raises:
+        ValueError: one line with what it needs, what is free, and the most tokens that would fit.
+    """
+    from ..preflight import available_bytes
+
+    need, free = capture_bytes(tokens, width, n_layers, inputs), available_bytes(device)
+    if need > CAPTURE_SHARE * free:
+        per_token = capture_bytes(1, width, n_layers, inputs)
+        raise ValueError(
+            f"the per-layer stage would keep {need / 2**30:.1f} GiB of teacher activations ({tokens} tokens x "
+            f"{width} features x {n_layers} layers, {'inputs and outputs' if inputs == 'teacher' else 'outputs'}, "
+            f"float32) but {free / 2**30:.1f} GiB is free on {device.type}; lower layerwise_tokens to at most "
+            f"{int(CAPTURE_SHARE * free // per_token)} or train fewer layers")
+    return need
+
+
 @torch.no_grad()
 def capture_teacher(teacher: nn.Module, batches: list[torch.Tensor], layers: list[int], mixed_precision: str = "no",
                     keep_inputs: bool = True) -> tuple[list[torch.Tensor] | None, list[torch.Tensor]]:
@@ -146,8 +213,9 @@ def capture_teacher(teacher: nn.Module, batches: list[torch.Tensor], layers: lis
         ``keep_inputs``).
     """
     sites = attention_sites(teacher)
-    ins: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
-    outs: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
+    n_rows = sum(b.shape[0] for b in batches)
+    ins = {i: _Rows(n_rows) for i in layers}
+    outs = {i: _Rows(n_rows) for i in layers}
     handles = []
     for i in layers:
         def hook(_m, args, kwargs, output, i=i):
@@ -156,12 +224,12 @@ def capture_teacher(teacher: nn.Module, batches: list[torch.Tensor], layers: lis
             if not isinstance(y, torch.Tensor):
                 raise ValueError(f"teacher attention layer {i} returned no output tensor to transfer")
             if keep_inputs:
-                ins[i].append(x.detach().float())
-            outs[i].append(y.detach().float())
+                ins[i].add(x)
+            outs[i].add(y)
 
         handles.append(sites[i].module.register_forward_hook(hook, with_kwargs=True))
     _run_hooked(teacher, batches, handles, mixed_precision)
-    return ([torch.cat(ins[i]) for i in layers] if keep_inputs else None), [torch.cat(outs[i]) for i in layers]
+    return ([ins[i].tensor() for i in layers] if keep_inputs else None), [outs[i].tensor() for i in layers]
 
 
 class _StudentStack:
@@ -308,20 +376,21 @@ def layer_stack(model: nn.Module) -> nn.ModuleList:
 def _capture_teacher_layers(teacher: nn.Module, layers: nn.ModuleList, batches: list[torch.Tensor], idx: list[int],
                             mixed_precision: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Each selected teacher decoder layer's input hidden states and output, ``(n_rows, L, E)`` float32 each."""
-    ins: dict[int, list[torch.Tensor]] = {i: [] for i in idx}
-    outs: dict[int, list[torch.Tensor]] = {i: [] for i in idx}
+    n_rows = sum(b.shape[0] for b in batches)
+    ins = {i: _Rows(n_rows) for i in idx}
+    outs = {i: _Rows(n_rows) for i in idx}
     handles = []
     for i in idx:
         def pre(_m, args, kwargs, i=i):
-            ins[i].append(kwargs.get("hidden_states", args[0] if args else None).detach().float())
+            ins[i].add(kwargs.get("hidden_states", args[0] if args else None))
 
         def post(_m, args, kwargs, output, i=i):
-            outs[i].append((output[0] if isinstance(output, tuple) else output).detach().float())
+            outs[i].add(output[0] if isinstance(output, tuple) else output)
 
         handles.append(layers[i].register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(layers[i].register_forward_hook(post, with_kwargs=True))
     _run_hooked(teacher, batches, handles, mixed_precision)
-    return [torch.cat(ins[i]) for i in idx], [torch.cat(outs[i]) for i in idx]
+    return [ins[i].tensor() for i in idx], [outs[i].tensor() for i in idx]
 
 
 def _block_transfer(student: nn.Module, teacher: nn.Module, batches: list[torch.Tensor], idx: list[int], *,
@@ -418,7 +487,8 @@ def layerwise_transfer(
         Per-layer attention-output MSE before and after.
 
     Raises:
-        ValueError: mismatched teacher/student, too little calibration text, nothing to train.
+        ValueError: mismatched teacher/student, too little calibration text, nothing to train, more teacher
+            activations to keep than the device has free memory (checked before the teacher runs).
     """
     if not isinstance(calibration, torch.Tensor) or calibration.dim() != 2 or calibration.numel() == 0:
         raise ValueError("calibration must be a non-empty LongTensor of input ids (n, L)")
@@ -433,6 +503,10 @@ def layerwise_transfer(
     start = time.perf_counter()
     # The teacher and student may sit on an accelerator (one per process under ``accelerate launch``).
     batches = [b.to(_device(student)) for b in _batches(calibration, batch_rows)]
+    if inputs not in ("teacher", "student"):
+        raise ValueError(f"unknown layerwise inputs {inputs!r}; allowed: teacher, student")
+    # before the teacher runs: a capture that does not fit would otherwise end in the kernel's OOM killer
+    check_capture_fits(sum(b.numel() for b in batches), hidden_width(teacher), len(idx), _device(teacher), inputs)
     if trainable == "block":
         if inputs != "teacher":
             raise ValueError("layerwise trainable='block' trains each decoder layer on the teacher's inputs; "
@@ -446,8 +520,6 @@ def layerwise_transfer(
     params_per_layer = [module_parameters(sites[i].module, trainable, adapter.k, adapter.v) for i in idx]
     if not any(params_per_layer):
         raise ValueError(f"nothing to train: trainable={trainable!r} selects no parameter in the attention modules")
-    if inputs not in ("teacher", "student"):
-        raise ValueError(f"unknown layerwise inputs {inputs!r}; allowed: teacher, student")
     xs, ys = capture_teacher(teacher, batches, idx, mixed_precision, keep_inputs=inputs == "teacher")
     stack = _StudentStack(student, sites, batches, max(idx)) if inputs == "student" else None
     kwargs = module_kwargs(student, batches[0])

@@ -226,6 +226,14 @@ def uptrain(cfg: UptrainConfig, *, resume: bool | str = False, overwrite: bool =
     teacher, tokenizer = load_model(cfg.model, dtype=dtype)
     teacher = teacher.to(device)
     student = copy.deepcopy(teacher)
+    if cfg.layerwise_tokens:
+        # Before the text is prepared (teacher samples take minutes): the per-layer stage keeps its layers' teacher
+        # activations; checked again, exactly, when it starts.
+        from ..api import attention_sites
+        from .layerwise import check_capture_fits, hidden_width
+
+        mine = ctx.owned_layers(list(range(len(attention_sites(teacher)))))
+        check_capture_fits(cfg.layerwise_tokens, hidden_width(teacher), len(mine), device, cfg.layerwise_inputs)
     data = prepare_data(cfg, tokenizer, teacher)
     calib, lw_ids, e2e_ids, held = data.calib, data.layerwise, data.end_to_end, data.held
     calib, lw_ids = calib.to(device), lw_ids.to(device)  # end-to-end batches: the Trainer moves each one
