@@ -12,6 +12,7 @@ import copy
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -232,8 +233,13 @@ def uptrain(cfg: UptrainConfig, *, resume: bool | str = False, overwrite: bool =
         from ..api import attention_sites
         from .layerwise import check_capture_fits, hidden_width
 
-        mine = ctx.owned_layers(list(range(len(attention_sites(teacher)))))
-        check_capture_fits(cfg.layerwise_tokens, hidden_width(teacher), len(mine), device, cfg.layerwise_inputs)
+        layers = list(range(len(attention_sites(teacher))))
+        n_layers = len(ctx.owned_layers(layers))
+        if device.type == "cpu":
+            # processes launched on one machine share its RAM: together they keep what their layers need
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))
+            n_layers = min(len(layers), n_layers * local)
+        check_capture_fits(cfg.layerwise_tokens, hidden_width(teacher), n_layers, device, cfg.layerwise_inputs)
     data = prepare_data(cfg, tokenizer, teacher)
     calib, lw_ids, e2e_ids, held = data.calib, data.layerwise, data.end_to_end, data.held
     calib, lw_ids = calib.to(device), lw_ids.to(device)  # end-to-end batches: the Trainer moves each one
